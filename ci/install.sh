@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs everything the proxy, its demo and its tests need on a fresh Debian
+# machine: system packages (PostgreSQL, the OpenSSL headers, a C compiler) and
+# a virtualenv in .venv with the package built in place plus its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(postgresql postgresql-client postgresql-contrib libssl-dev gcc util-linux procps)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# Editable install: builds proxy/_splice in place so tests import this tree.
+.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -c 'import proxy._splice' || { echo "the Cython core did not build" >&2; exit 1; }

@@ -1,0 +1,229 @@
+"""Per-instance connection info: addresses, client certificate and TLS context.
+
+Three strategies behind one interface (``connection_info``, ``force_refresh``,
+``close``):
+
+* ``RefreshAheadCache`` (default): the first refresh starts at once and
+  callers wait for it; later refreshes run in the background ahead of expiry,
+  rate limited; a failed refresh is retried at once (still rate limited) while
+  the old certificate keeps serving as long as it is valid.
+* ``LazyCache`` (``--lazy-refresh``): no background work; a caller refreshes
+  synchronously when the cached certificate is within 4 minutes of expiry.
+
+The RSA key is generated once per process (``KeyPair``), off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from proxy import _splice
+from proxy.adminapi import AdminAPIClient
+from proxy.config import InstanceURI
+from proxy.errors import AdminAPIError, ConfigError, RefreshError
+from proxy.log import Logger
+from proxy.refresh import RateLimiter, lazy_needs_refresh, seconds_until_refresh
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private_pem: bytes  # PKCS#8, kept in memory only
+    public_pem: str  # PKCS#1 "RSA PUBLIC KEY", as the Go connector sends
+
+    @classmethod
+    def generate(cls) -> KeyPair:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        private = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        public = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.PKCS1
+        )
+        return cls(private, public.decode("ascii"))
+
+    @classmethod
+    async def generate_async(cls) -> KeyPair:
+        # RSA-2048 generation takes tens of milliseconds: never on the loop.
+        return await asyncio.get_running_loop().run_in_executor(None, cls.generate)
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    addresses: dict[str, str]
+    context: _splice.TLSClientContext
+    expiry: float  # UNIX time when the client certificate stops being valid
+
+    def valid(self, now: float | None = None) -> bool:
+        return (time.time() if now is None else now) < self.expiry
+
+
+async def fetch_connection_info(
+    client: AdminAPIClient, uri: InstanceURI, keys: KeyPair
+) -> ConnectionInfo:
+    """Both Admin API calls, concurrently, turned into a ready TLS context."""
+    addresses_call = asyncio.ensure_future(client.connection_info(uri))
+    cert_call = asyncio.ensure_future(client.client_certificate(uri, keys.public_pem))
+    try:
+        addresses = await addresses_call
+    except AdminAPIError as exc:
+        cert_call.cancel()
+        raise RefreshError(
+            "failed to get instance metadata", uri.short, exc, status=exc.status, reason=exc.reason
+        ) from exc
+    try:
+        cert = await cert_call
+    except AdminAPIError as exc:
+        raise RefreshError(
+            "create ephemeral cert failed", uri.short, exc, status=exc.status, reason=exc.reason
+        ) from exc
+    if not addresses.as_map():
+        raise ConfigError("cannot connect to instance - it has no supported IP addresses", uri.short)
+    try:
+        leaf = x509.load_pem_x509_certificate(cert.chain_pem[0].encode())
+        chain = "".join(p if p.endswith("\n") else p + "\n" for p in cert.chain_pem)
+        context = _splice.TLSClientContext(
+            chain.encode(), keys.private_pem, cert.ca_pem.encode()
+        )
+    except ValueError as exc:
+        raise RefreshError("create ephemeral cert failed", uri.short, exc) from exc
+    return ConnectionInfo(
+        addresses=addresses.as_map(),
+        context=context,
+        expiry=leaf.not_valid_after_utc.timestamp(),
+    )
+
+
+class ConnectionInfoCache(Protocol):
+    async def connection_info(self) -> ConnectionInfo: ...
+
+    def force_refresh(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class RefreshAheadCache:
+    def __init__(
+        self, uri: InstanceURI, client: AdminAPIClient, keys: KeyPair, log: Logger
+    ) -> None:
+        self._uri = uri
+        self._client = client
+        self._keys = keys
+        self._log = log
+        self._limiter = RateLimiter()
+        self._closed = False
+        self._log.debug("[%s] Connection info cache = refresh ahead", uri.short)
+        self._next_started = False
+        self._next = self._schedule(0.0)
+        self._current: asyncio.Task[ConnectionInfo] = self._next
+
+    async def connection_info(self) -> ConnectionInfo:
+        # shield: a caller that times out must not cancel the shared refresh.
+        return await asyncio.shield(self._current)
+
+    def _current_is_valid(self) -> bool:
+        cur = self._current
+        if not cur.done() or cur.cancelled() or cur.exception() is not None:
+            return False
+        return cur.result().valid()
+
+    def force_refresh(self) -> None:
+        if self._closed:
+            return
+        if not self._next_started:
+            self._next.cancel()
+            self._log.debug("[%s] Connection info refresh operation scheduled immediately", self._uri.short)
+            self._next = self._schedule(0.0)
+        if not self._current_is_valid():
+            self._current = self._next
+
+    def close(self) -> None:
+        self._closed = True
+        self._next.cancel()
+        if not self._current.done():
+            self._current.cancel()
+
+    def _schedule(self, delay: float) -> asyncio.Task[ConnectionInfo]:
+        task = asyncio.get_running_loop().create_task(self._refresh_after(delay))
+        # A failed refresh is reported to its waiters; don't also warn about it.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
+
+    async def _refresh_after(self, delay: float) -> ConnectionInfo:
+        short = self._uri.short
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self._next_started = True
+        await self._limiter.acquire()
+        self._log.debug("[%s] Connection info refresh operation started (type = refresh ahead)", short)
+        this = asyncio.current_task()
+        try:
+            info = await fetch_connection_info(self._client, self._uri, self._keys)
+        except Exception as exc:
+            self._log.debug("[%s] Connection info refresh operation failed: %s", short, exc)
+            if not self._closed:
+                if not self._current_is_valid():
+                    self._current = this  # type: ignore[assignment]
+                self._next_started = False
+                self._next = self._schedule(0.0)
+            raise
+        self._log.debug("[%s] Connection info refresh operation complete (type = refresh ahead)", short)
+        self._log.debug(
+            "[%s] Current certificate expiration = %s",
+            short,
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.expiry)),
+        )
+        if not self._closed:
+            self._current = this  # type: ignore[assignment]
+            wait = seconds_until_refresh(info.expiry, time.time())
+            self._log.debug(
+                "[%s] Connection info refresh operation scheduled at %s (now + %ds)",
+                short,
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + wait)),
+                int(wait),
+            )
+            self._next_started = False
+            self._next = self._schedule(wait)
+        return info
+
+
+class LazyCache:
+    def __init__(
+        self, uri: InstanceURI, client: AdminAPIClient, keys: KeyPair, log: Logger
+    ) -> None:
+        self._uri = uri
+        self._client = client
+        self._keys = keys
+        self._log = log
+        self._info: ConnectionInfo | None = None
+        self._force = False
+        self._lock = asyncio.Lock()
+        self._log.debug("[%s] Connection info cache = lazy", uri.short)
+
+    async def connection_info(self) -> ConnectionInfo:
+        async with self._lock:
+            info = self._info
+            if info is not None and not self._force and not lazy_needs_refresh(info.expiry, time.time()):
+                self._log.debug(
+                    "[%s] Connection info is still valid, using cached info (type = lazy)",
+                    self._uri.short,
+                )
+                return info
+            self._log.debug("[%s] Connection info refresh operation started (type = lazy)", self._uri.short)
+            self._info = await fetch_connection_info(self._client, self._uri, self._keys)
+            self._force = False
+            return self._info
+
+    def force_refresh(self) -> None:
+        self._force = True
+
+    def close(self) -> None:
+        self._info = None

@@ -1,0 +1,189 @@
+"""The ``alloydb-auth-proxy`` command line: flags, validation and exit codes.
+
+Flag names, short forms, defaults and error strings follow the Go proxy
+1.15, so existing scripts keep working. Validation errors print
+``Error: <msg>`` and the usage to stderr and exit 1 (cobra's behaviour, where
+click alone would exit 2); runtime failures are logged once as
+``The proxy has encountered a terminal error: <err>`` and exit 1.
+No network access happens here: the supervisor does that.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from typing import Any, NoReturn
+
+import click
+
+from proxy import GO_PROXY_VERSION, __version__
+from proxy.config import DEFAULT_API_ENDPOINT, Config, parse_instance_arg
+from proxy.errors import BadCommandError
+from proxy.log import configure
+
+PROG = "alloydb-auth-proxy"
+SHORT_HELP = "alloydb-auth-proxy provides a secure way to authorize connections to AlloyDB."
+MISSING_INSTANCE = (
+    "missing instance uri (e.g., projects/$PROJECT/locations/$LOCATION/"
+    "clusters/$CLUSTER/instances/$INSTANCE)"
+)
+
+
+def _usage() -> str:
+    ctx = click.Context(root)
+    lines = ["Usage:", f"  {PROG} instance_uri... [flags]", "", "Flags:"]
+    for param in root.get_params(ctx):
+        record = param.get_help_record(ctx)
+        if record:
+            lines.append(f"  {record[0]:<44} {record[1]}")
+    return "\n".join(lines) + "\n"
+
+
+def fail(message: str) -> NoReturn:
+    """Cobra-style bad-command exit: the message, then the usage, exit 1."""
+    sys.stderr.write(f"Error: {message}\n{_usage()}\n")
+    sys.exit(1)
+
+
+def _version_callback(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(f"{PROG} version {__version__} (compatible with {GO_PROXY_VERSION})")
+        ctx.exit(0)
+
+
+class _CobraStyleCommand(click.Command):
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoSuchOption as exc:
+            fail(f"unknown flag: {exc.option_name}")
+        except click.UsageError as exc:
+            fail(exc.format_message())
+        except click.exceptions.Abort:
+            sys.exit(1)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+
+
+def _option(*decls: str, **kwargs: Any) -> Any:
+    return click.option(*decls, show_default=False, **kwargs)
+
+
+@click.command(
+    PROG,
+    cls=_CobraStyleCommand,
+    help=SHORT_HELP,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.argument("instances", nargs=-1)
+@_option("-a", "--address", default="127.0.0.1", help="(*) Address on which to bind AlloyDB instance listeners.")
+@_option("-p", "--port", type=int, default=5432, help="(*) Initial port to use for listeners. Subsequent listeners increment from this value.")
+@_option("-u", "--unix-socket", default="", help="(*) Enables Unix sockets for all listeners using the provided directory.")
+@_option("-i", "--auto-iam-authn", is_flag=True, help="(*) Enables Automatic IAM Authentication for all instances.")
+@_option("--public-ip", is_flag=True, help="(*) Connect to the public ip address for all instances.")
+@_option("--psc", is_flag=True, help="(*) Connect to the PSC endpoint for all instances.")
+@_option("-t", "--token", default="", help="Bearer token used for authorization.")
+@_option("--login-token", default="", help="Bearer token used as a separate credential for IAM database authentication login. Only used when --auto-iam-authn is enabled.")
+@_option("-c", "--credentials-file", default="", help="Path to a service account key to use for authentication.")
+@_option("-j", "--json-credentials", default="", help="Use service account key JSON as a source of IAM credentials.")
+@_option("-g", "--gcloud-auth", is_flag=True, help="Use gcloud's user credentials as a source of IAM credentials.")
+@_option("--impersonate-service-account", default="", help="Comma separated list of service accounts to impersonate. The first value is the target account.")
+@_option("--alloydbadmin-api-endpoint", default=DEFAULT_API_ENDPOINT, help="When set, the proxy uses this host as the base API path.")
+@_option("--user-agent", default="", help="Space separated list of additional user agents, e.g. custom-agent/0.0.1")
+@_option("--lazy-refresh", is_flag=True, help="Retrieve connection info lazily and on-demand instead of refreshing it in the background.")
+@_option("--max-connections", type=click.IntRange(min=0), default=0, help="Limits the number of connections by refusing any additional connections. 0 means no limit.")
+@_option("-l", "--structured-logs", is_flag=True, help="Enable structured logs using the LogEntry format.")
+@_option("--debug-logs", is_flag=True, help="Enable debug logging.")
+@_option("--quiet", is_flag=True, help="Log error messages only.")
+@click.option("-v", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_version_callback, help=f"Print the {PROG} version")
+@click.pass_context
+def root(ctx: click.Context, instances: tuple[str, ...], **opts: Any) -> None:
+    set_options = frozenset(
+        name
+        for name in opts
+        if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+    )
+    try:
+        cfg = build_config(instances, opts, set_options)
+    except BadCommandError as exc:
+        fail(str(exc))
+    sys.exit(run(cfg))
+
+
+def build_config(
+    instances: tuple[str, ...], opts: dict[str, Any], set_options: frozenset[str]
+) -> Config:
+    """Validate flags in the Go proxy's order and build the Config (pure)."""
+    if not instances:
+        raise BadCommandError(MISSING_INSTANCE)
+    parsed = tuple(parse_instance_arg(arg) for arg in instances)
+    try:
+        ipaddress.ip_address(opts["address"])
+    except ValueError:
+        raise BadCommandError(f'not a valid IP address: "{opts["address"]}"') from None
+
+    exclusive = [
+        ("token", "credentials_file", "cannot specify --token and --credentials-file flags at the same time"),
+        ("token", "gcloud_auth", "cannot specify --token and --gcloud-auth flags at the same time"),
+        ("credentials_file", "gcloud_auth", "cannot specify --credentials-file and --gcloud-auth flags at the same time"),
+        ("json_credentials", "token", "cannot specify --json-credentials and --token flags at the same time"),
+        ("json_credentials", "credentials_file", "cannot specify --json-credentials and --credentials-file flags at the same time"),
+        ("json_credentials", "gcloud_auth", "cannot specify --json-credentials and --gcloud-auth flags at the same time"),
+    ]
+    for first, second, message in exclusive:
+        if opts[first] and opts[second]:
+            raise BadCommandError(message)
+    if opts["unix_socket"] and "address" in set_options:
+        raise BadCommandError("cannot specify --unix-socket and --address together")
+    if opts["unix_socket"] and "port" in set_options:
+        raise BadCommandError("cannot specify --unix-socket and --port together")
+    if opts["gcloud_auth"]:
+        raise BadCommandError("--gcloud-auth is not supported yet by this proxy")
+
+    endpoint = opts["alloydbadmin_api_endpoint"]
+    if "alloydbadmin_api_endpoint" in set_options:
+        endpoint = endpoint.rstrip("/")
+    return Config(
+        instances=parsed,
+        address=opts["address"],
+        port=opts["port"],
+        unix_socket=opts["unix_socket"],
+        auto_iam_authn=opts["auto_iam_authn"],
+        public_ip=opts["public_ip"],
+        psc=opts["psc"],
+        token=opts["token"],
+        login_token=opts["login_token"],
+        credentials_file=opts["credentials_file"],
+        json_credentials=opts["json_credentials"],
+        gcloud_auth=opts["gcloud_auth"],
+        impersonate_service_account=opts["impersonate_service_account"],
+        api_endpoint=endpoint,
+        user_agent=opts["user_agent"],
+        lazy_refresh=opts["lazy_refresh"],
+        max_connections=opts["max_connections"],
+        structured_logs=opts["structured_logs"],
+        debug_logs=opts["debug_logs"],
+        quiet=opts["quiet"],
+        set_options=set_options,
+    )
+
+
+def run(cfg: Config) -> int:
+    """Run the proxy until it stops; returns the process exit code."""
+    log = configure(structured=cfg.structured_logs, quiet=cfg.quiet, debug=cfg.debug_logs)
+    if "alloydbadmin_api_endpoint" in cfg.set_options:
+        log.info("Using API Endpoint %s", cfg.api_endpoint)
+    if cfg.login_token and not any(cfg.auto_iam_for(i) for i in cfg.instances):
+        log.info("Ignoring --login-token because --auto-iam-authn is not enabled (globally or per-instance)")
+
+    from proxy.eventloop import run_until_complete
+    from proxy.supervisor import Supervisor
+
+    outcome = run_until_complete(lambda: Supervisor(cfg, log).run())
+    if outcome.error:
+        log.error("The proxy has encountered a terminal error: %s", outcome.error)
+    return int(outcome.code)
+
+
+def main() -> None:
+    root.main(prog_name=PROG)

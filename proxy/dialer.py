@@ -1,0 +1,177 @@
+"""Per connection: cached connection info → TCP to :5433 → TLS 1.3 → metadata exchange.
+
+The result is an established ``_splice.TLSConnection`` that the server hands to
+the splice core. TCP and TLS failures force a certificate refresh (the
+instance may have moved or rotated its CA); a metadata-exchange refusal does
+not, as in the Go connector. A failed connection-info lookup evicts the
+instance's cache so the next connection starts afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from proxy import __version__, _splice, mdx, tlsconn
+from proxy.adminapi import AdminAPIClient
+from proxy.cache import ConnectionInfoCache, KeyPair, LazyCache, RefreshAheadCache
+from proxy.config import SERVER_PROXY_PORT, Config, InstanceConfig, InstanceURI
+from proxy.credentials import CredentialSet
+from proxy.errors import ConfigError, DialError, MetadataExchangeError
+from proxy.log import Logger
+
+#: Sent in every metadata exchange, like the Go connector's own name/version.
+MDX_USER_AGENT = f"alloydb-python-proxy/{__version__}"
+MDX_TIMEOUT = 30.0
+TCP_KEEPALIVE = 30
+
+
+def set_tcp_options(sock: socket.socket) -> None:
+    """No Nagle delay and 30 s keepalives, as Go sets on every TCP connection."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, TCP_KEEPALIVE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, TCP_KEEPALIVE)
+
+
+class Dialer:
+    def __init__(
+        self,
+        cfg: Config,
+        credentials: CredentialSet,
+        client: AdminAPIClient,
+        keys: KeyPair,
+        log: Logger,
+    ) -> None:
+        self._cfg = cfg
+        self._credentials = credentials
+        self._client = client
+        self._keys = keys
+        self._log = log
+        self._caches: dict[InstanceURI, ConnectionInfoCache] = {}
+        self._closed = False
+
+    def _cache(self, uri: InstanceURI) -> ConnectionInfoCache:
+        cache = self._caches.get(uri)
+        if cache is None:
+            kind = LazyCache if self._cfg.lazy_refresh else RefreshAheadCache
+            cache = kind(uri, self._client, self._keys, self._log)
+            self._caches[uri] = cache
+        return cache
+
+    def _evict(self, uri: InstanceURI, cache: ConnectionInfoCache, err: Exception) -> None:
+        self._log.debug("[%s] Removing connection info from cache: %s", uri.short, err)
+        cache.close()
+        if self._caches.get(uri) is cache:
+            del self._caches[uri]
+
+    async def dial(self, inst: InstanceConfig) -> _splice.TLSConnection:
+        """Open an authenticated tunnel to the instance, ready for PostgreSQL bytes."""
+        if self._closed:
+            raise DialError("alloydbconn: dialer is closed", inst.uri.short)
+        uri = inst.uri
+        short = uri.short
+        cache = self._cache(uri)
+        try:
+            info = await cache.connection_info()
+        except Exception as exc:
+            self._evict(uri, cache, exc)
+            raise
+        if not info.valid():
+            # e.g. after a laptop sleep: the certificate expired under us.
+            self._log.debug("[%s] Cert is valid = false; refreshing certificate now", short)
+            cache.force_refresh()
+            info = await cache.connection_info()
+
+        ip_type = self._cfg.ip_type_for(inst)
+        address = info.addresses.get(ip_type)
+        if not address:
+            err = ConfigError(f'instance does not have IP of type "{ip_type}"', short)
+            self._evict(uri, cache, err)
+            raise err
+
+        self._log.debug("[%s] Dialing %s:%d", short, address, SERVER_PROXY_PORT)
+        try:
+            sock = await self._connect_tcp(address)
+        except OSError as exc:
+            self._log.debug("[%s] Dialing %s:%d failed: %s", short, address, SERVER_PROXY_PORT, exc)
+            cache.force_refresh()
+            reason = (exc.strerror or str(exc)).lower()
+            raise DialError(
+                "failed to dial", short, f"dial tcp {_hostport(address)}: {reason}"
+            ) from exc
+
+        conn = _splice.TLSConnection(info.context, sock.detach(), address)
+        try:
+            try:
+                await tlsconn.handshake(conn, timeout=MDX_TIMEOUT)
+            except (_splice.TLSError, OSError, TimeoutError) as exc:
+                self._log.debug("[%s] TLS handshake failed: %s", short, exc)
+                cache.force_refresh()
+                raise DialError("handshake failed", short, exc) from exc
+            self._log.debug("[%s] Connected securely to %s", short, _hostport(address))
+            await self._metadata_exchange(conn, inst)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def _connect_tcp(self, address: str) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(address, SERVER_PROXY_PORT, type=socket.SOCK_STREAM)
+        last: OSError = OSError("no addresses")
+        for family, kind, proto, _, sockaddr in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setblocking(False)
+                set_tcp_options(sock)
+                await loop.sock_connect(sock, sockaddr)
+                return sock
+            except OSError as exc:
+                sock.close()
+                last = exc
+            except BaseException:
+                sock.close()
+                raise
+        raise last
+
+    async def _metadata_exchange(self, conn: _splice.TLSConnection, inst: InstanceConfig) -> None:
+        short = inst.uri.short
+        token = await self._credentials.login.token()
+        auto_iam = self._cfg.auto_iam_for(inst)
+        self._log.debug(
+            "[%s] Metadata exchange start (%s, auth type = %s)",
+            short,
+            token.describe(),
+            "AUTO_IAM" if auto_iam else "DB_NATIVE",
+        )
+        request = mdx.MdxRequest(
+            user_agent=MDX_USER_AGENT,
+            auth_type=mdx.AUTO_IAM if auto_iam else mdx.DB_NATIVE,
+            oauth2_token=token.value,
+        )
+        await tlsconn.send_all(conn, mdx.encode_request(request), timeout=MDX_TIMEOUT)
+        header = await tlsconn.recv_exactly(conn, mdx.HEADER_SIZE, timeout=MDX_TIMEOUT)
+        size = mdx.body_length(header)
+        body = await tlsconn.recv_exactly(conn, size, timeout=MDX_TIMEOUT) if size else b""
+        response = mdx.decode_response(body)
+        if not response.ok:
+            # The server's text, verbatim, as the Go connector reports it.
+            raise MetadataExchangeError(response.error or "metadata exchange failed")
+        self._log.debug("[%s] Metadata exchange finish (result = OK)", short)
+
+    async def warm_up(self, inst: InstanceConfig) -> None:
+        """Start fetching connection info early (used by the connection test)."""
+        await self._cache(inst.uri).connection_info()
+
+    def close(self) -> None:
+        self._closed = True
+        for cache in self._caches.values():
+            cache.close()
+        self._caches.clear()
+
+
+def _hostport(address: str) -> str:
+    return f"[{address}]:{SERVER_PROXY_PORT}" if ":" in address else f"{address}:{SERVER_PROXY_PORT}"
+

@@ -1,0 +1,97 @@
+"""Plain and structured logging with the Go proxy's exact format and stream split.
+
+Plain (default): ``YYYY/MM/DD HH:MM:SS <msg>`` in local time; info and debug go
+to stdout, errors to stderr; a newline is added only when the message lacks one
+(the Go proxy's per-connection lines end in ``\\n`` already).
+
+Structured (``--structured-logs``): one JSON object per line with the keys
+``timestamp`` (RFC 3339, seconds), ``severity`` (DEBUG/INFO/ERROR) and
+``message``, same stream split.
+
+Quiet (``--quiet``): info and debug are dropped, errors stay, in the plain
+format (the Go proxy replaces the structured logger in that case too).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from typing import TextIO
+
+
+class Logger:
+    """The proxy's logger; a process has one, shared by every module."""
+
+    def __init__(
+        self,
+        *,
+        structured: bool = False,
+        quiet: bool = False,
+        debug: bool = False,
+        stdout: TextIO | None = None,
+        stderr: TextIO | None = None,
+    ) -> None:
+        # The Go proxy installs the plain logger after the structured one when
+        # --quiet is set, so quiet always wins.
+        self.structured = structured and not quiet
+        self.quiet = quiet
+        self.debug_enabled = debug and not quiet
+        self._out = stdout
+        self._err = stderr
+        self._lock = threading.Lock()
+
+    def _write(self, stream: TextIO, severity: str, message: str) -> None:
+        now = time.time()
+        if self.structured:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))
+            offset = time.strftime("%z", time.localtime(now))
+            stamp += "Z" if offset in ("+0000", "-0000") else f"{offset[:3]}:{offset[3:]}"
+            line = json.dumps(
+                {"timestamp": stamp, "severity": severity, "message": message},
+                ensure_ascii=False,
+            )
+            line += "\n"
+        else:
+            line = time.strftime("%Y/%m/%d %H:%M:%S ", time.localtime(now)) + message
+            if not line.endswith("\n"):
+                line += "\n"
+        with self._lock:
+            stream.write(line)
+            stream.flush()
+
+    @property
+    def stdout(self) -> TextIO:
+        return self._out if self._out is not None else sys.stdout
+
+    @property
+    def stderr(self) -> TextIO:
+        return self._err if self._err is not None else sys.stderr
+
+    def info(self, message: str, *args: object) -> None:
+        if self.quiet:
+            return
+        self._write(self.stdout, "INFO", message % args if args else message)
+
+    def debug(self, message: str, *args: object) -> None:
+        if not self.debug_enabled:
+            return
+        self._write(self.stdout, "DEBUG", message % args if args else message)
+
+    def error(self, message: str, *args: object) -> None:
+        self._write(self.stderr, "ERROR", message % args if args else message)
+
+
+_logger = Logger()
+
+
+def get_logger() -> Logger:
+    return _logger
+
+
+def configure(**kwargs: bool) -> Logger:
+    """Replace the process logger (called once by the CLI)."""
+    global _logger
+    _logger = Logger(**kwargs)
+    return _logger

@@ -1,0 +1,263 @@
+"""Listeners (TCP with port increment, unix sockets) and per-connection handling.
+
+Accepting is done with raw non-blocking sockets and a loop reader, so an
+accepted connection becomes a bare fd that goes straight to the splice core;
+no asyncio transport or protocol object is built per connection.
+
+One bad connection never takes the proxy down: accept errors such as EMFILE
+are logged and accepting pauses briefly (the Go proxy exits on them), and
+every per-connection failure stays in that connection's task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from proxy import _splice
+from proxy.config import Config, InstanceConfig, TCPMount, UnixMount, plan_mounts
+from proxy.dialer import Dialer, set_tcp_options
+from proxy.errors import StartupError
+from proxy.log import Logger
+
+DIAL_TIMEOUT = 30.0
+#: How long to stop accepting after a resource error (EMFILE, ENFILE, ENOBUFS).
+ACCEPT_BACKOFF = 0.1
+#: After the client half-closes, how long to wait for the instance to finish.
+HALF_CLOSE_LINGER = 30.0
+
+_DONE_LINES = {
+    _splice.CLIENT_CLOSED: (False, "client closed the connection"),
+    _splice.INSTANCE_CLOSED: (False, "instance closed the connection"),
+    _splice.ERROR_READ_CLIENT: (True, "connection aborted - error reading from client: "),
+    _splice.ERROR_WRITE_INSTANCE: (True, "connection aborted - error writing to instance: "),
+    _splice.ERROR_READ_INSTANCE: (True, "connection aborted - error reading from instance: "),
+    _splice.ERROR_WRITE_CLIENT: (True, "connection aborted - error writing to client: "),
+}
+
+
+def _format_addr(family: int, addr: object) -> str:
+    if family == socket.AF_UNIX:
+        return str(addr) if addr else "@"
+    host, port = addr[0], addr[1]  # type: ignore[index]
+    return f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+
+
+@dataclass
+class Listener:
+    inst: InstanceConfig
+    sock: socket.socket
+    display: str  # what "Listening on" prints
+    unix_path: str | None = None
+    paused: bool = False
+    handles: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class ProxyServer:
+    def __init__(self, cfg: Config, dialer: Dialer, log: Logger) -> None:
+        self._cfg = cfg
+        self._dialer = dialer
+        self._log = log
+        self._listeners: list[Listener] = []
+        self._splices: set[_splice.Splice] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.connection_count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.on_count_change: Callable[[int], None] | None = None
+
+    # ---- listeners -------------------------------------------------------
+
+    def open_listeners(self) -> None:
+        """Bind every listener, or raise StartupError naming the instance."""
+        try:
+            for inst, mount in plan_mounts(self._cfg):
+                listener = self._open(inst, mount)
+                self._listeners.append(listener)
+                self._log.info("[%s] Listening on %s", inst.uri.short, listener.display)
+        except BaseException:
+            self.close_listeners()
+            raise
+
+    def _open(self, inst: InstanceConfig, mount: TCPMount | UnixMount) -> Listener:
+        short = inst.uri.short
+        if isinstance(mount, TCPMount):
+            return self._open_tcp(inst, mount)
+        try:
+            parent = os.path.dirname(mount.directory)
+            os.stat(parent or ".")
+            if not os.path.isdir(mount.directory):
+                os.mkdir(mount.directory)
+                os.chmod(mount.directory, 0o777)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(mount.path)
+                sock.listen(socket.SOMAXCONN)
+            except BaseException:
+                sock.close()
+                raise
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            what = (
+                f"listen unix {mount.path}: bind: {reason}"
+                if exc.filename is None
+                else f"stat {exc.filename}: {reason}"
+            )
+            raise StartupError(f"unable to start: [{short}] Unable to mount socket: {what}") from None
+        try:
+            os.chmod(mount.path, 0o777)  # best effort, as the Go proxy does
+        except OSError:
+            pass
+        sock.setblocking(False)
+        return Listener(inst, sock, mount.path, unix_path=mount.path)
+
+    def _open_tcp(self, inst: InstanceConfig, mount: TCPMount) -> Listener:
+        host = mount.address
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        dual_stack = host == "0.0.0.0" and socket.has_ipv6
+        if dual_stack:
+            # Go listens on a dual-stack "::" socket for 0.0.0.0 on Linux.
+            family, host = socket.AF_INET6, "::"
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if dual_stack:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((host, mount.port))
+            sock.listen(socket.SOMAXCONN)
+        except OSError as exc:
+            sock.close()
+            reason = (exc.strerror or str(exc)).lower()
+            where = f"[{mount.address}]:{mount.port}" if ":" in mount.address else f"{mount.address}:{mount.port}"
+            raise StartupError(
+                f"unable to start: [{inst.uri.short}] Unable to mount socket: "
+                f"listen tcp {where}: bind: {reason}"
+            ) from None
+        sock.setblocking(False)
+        bound = sock.getsockname()
+        return Listener(inst, sock, _format_addr(family, bound))
+
+    def start_accepting(self) -> None:
+        loop = asyncio.get_running_loop()
+        for listener in self._listeners:
+            loop.add_reader(listener.sock.fileno(), self._on_acceptable, listener)
+
+    def close_listeners(self) -> None:
+        loop: asyncio.AbstractEventLoop | None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        for listener in self._listeners:
+            if loop is not None and not listener.paused:
+                loop.remove_reader(listener.sock.fileno())
+            listener.sock.close()
+            if listener.unix_path:
+                try:
+                    os.unlink(listener.unix_path)
+                except OSError:
+                    pass
+        self._listeners.clear()
+
+    # ---- accepting -------------------------------------------------------
+
+    def _on_acceptable(self, listener: Listener) -> None:
+        # Accept in a burst: one wakeup may stand for many waiting clients.
+        for _ in range(64):
+            try:
+                client, addr = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._log.error("[%s] Error accepting connection: %s", listener.inst.uri.short, exc)
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause(listener)
+                return
+            self._accepted(listener, client, addr)
+
+    def _pause(self, listener: Listener) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(listener.sock.fileno())
+        listener.paused = True
+
+        def resume() -> None:
+            if listener.paused and listener in self._listeners:
+                listener.paused = False
+                loop.add_reader(listener.sock.fileno(), self._on_acceptable, listener)
+
+        loop.call_later(ACCEPT_BACKOFF, resume)
+
+    def _accepted(self, listener: Listener, client: socket.socket, addr: object) -> None:
+        short = listener.inst.uri.short
+        self._log.info("[%s] accepted connection from %s\n", short, _format_addr(client.family, addr))
+        self._count(+1)
+        limit = self._cfg.max_connections
+        if limit and self.connection_count > limit:
+            self._log.info("max connections (%d) exceeded, refusing new connection", limit)
+            client.close()
+            self._count(-1)
+            return
+        client.setblocking(False)
+        if client.family != socket.AF_UNIX:
+            set_tcp_options(client)
+        task = asyncio.get_running_loop().create_task(self._connect(listener.inst, client))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, inst: InstanceConfig, client: socket.socket) -> None:
+        short = inst.uri.short
+        try:
+            conn = await asyncio.wait_for(self._dialer.dial(inst), DIAL_TIMEOUT)
+        except BaseException as exc:
+            client.close()
+            self._count(-1)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if isinstance(exc, TimeoutError):
+                exc = TimeoutError(
+                    f"dial error: context was canceled or expired before refresh completed "
+                    f'(instance URI = "{short}")'
+                )
+            self._log.error("[%s] failed to connect to instance: %s\n", short, exc)
+            return
+
+        def done(kind: int, message: str) -> None:
+            self._splices.discard(splice)
+            is_error, line = _DONE_LINES.get(kind, (False, ""))
+            if line:
+                if is_error:
+                    self._log.error("[%s] %s%s", short, line, message)
+                else:
+                    self._log.info("[%s] %s", short, line)
+            self._count(-1)
+
+        splice = _splice.Splice(client.detach(), conn, done, HALF_CLOSE_LINGER)
+        self._splices.add(splice)
+        splice.start(asyncio.get_running_loop())
+
+    def _count(self, delta: int) -> None:
+        self.connection_count += delta
+        if self.connection_count == 0:
+            self._idle.set()
+        else:
+            self._idle.clear()
+        if self.on_count_change is not None:
+            self.on_count_change(self.connection_count)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no connection is open; False if time ran out first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def abort_all(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for splice in list(self._splices):
+            splice.abort()

@@ -1,0 +1,134 @@
+"""The proxy's life cycle: start-up sequence, signals and shutdown.
+
+Order of start-up, as in the Go proxy: credentials (the "Authorizing with"
+line), RSA key, listeners ("Listening on" per instance), the ready line, then
+accepting. The Admin API is not contacted until the first connection.
+The outcome is an ``Exit`` value; only the CLI turns it into an exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import signal
+from dataclasses import dataclass
+
+from proxy import __version__
+from proxy.adminapi import AdminAPIClient
+from proxy.cache import KeyPair
+from proxy.config import Config
+from proxy.credentials import resolve
+from proxy.dialer import Dialer
+from proxy.errors import ProxyError
+from proxy.log import Logger
+from proxy.server import ProxyServer
+
+READY_LINE = "The proxy has started successfully and is ready for new connections!"
+
+
+class Exit(enum.IntEnum):
+    OK = 0
+    ERROR = 1
+    SIGINT = 130
+    SIGTERM = 143
+
+
+@dataclass
+class Outcome:
+    code: Exit
+    error: str = ""
+
+
+def user_agent(cfg: Config) -> str:
+    agent = f"alloydb-python-proxy/{__version__} alloy-db-auth-proxy/{__version__}"
+    return f"{agent} {cfg.user_agent}" if cfg.user_agent else agent
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, log: Logger) -> None:
+        self._cfg = cfg
+        self._log = log
+        self._stop = asyncio.Event()
+        self._signal: signal.Signals | None = None
+        self.server: ProxyServer | None = None
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        # Only the first signal counts; the Go proxy swallows later ones too.
+        if self._signal is None:
+            self._signal = sig
+            self._stop.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> Outcome:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            return await self._run()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    async def _run(self) -> Outcome:
+        cfg, log = self._cfg, self._log
+        loop = asyncio.get_running_loop()
+        startup = asyncio.ensure_future(self._start())
+        stop_wait = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({startup, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if not startup.done():
+            startup.cancel()
+            await asyncio.gather(startup, return_exceptions=True)
+            name = self._signal.name if self._signal else "SIGTERM"
+            return self._signal_exit(f"{name} signal received")
+        stop_wait.cancel()
+        try:
+            server, dialer, client = startup.result()
+        except ProxyError as exc:
+            return Outcome(Exit.ERROR, str(exc))
+
+        log.info(READY_LINE)
+        server.start_accepting()
+        await self._stop.wait()
+        if self._signal is not None:
+            log.info("%s signal received. Shutting down...", self._signal.name)
+        server.close_listeners()
+        dialer.close()
+        await loop.run_in_executor(None, client.close)
+        if self._signal is None:
+            return Outcome(Exit.OK)
+        return Outcome(Exit.SIGINT if self._signal == signal.SIGINT else Exit.SIGTERM)
+
+    def _signal_exit(self, message: str) -> Outcome:
+        code = Exit.SIGINT if self._signal == signal.SIGINT else Exit.SIGTERM
+        return Outcome(code, message)
+
+    async def _start(self) -> tuple[ProxyServer, Dialer, AdminAPIClient]:
+        cfg, log = self._cfg, self._log
+        loop = asyncio.get_running_loop()
+        try:
+            credentials = await loop.run_in_executor(
+                None,
+                lambda: resolve(
+                    token=cfg.token,
+                    credentials_file=cfg.credentials_file,
+                    json_credentials=cfg.json_credentials,
+                    impersonate=cfg.impersonate_service_account,
+                    login_token=cfg.login_token,
+                ),
+            )
+        except ProxyError as exc:
+            raise ProxyError(f"unable to start: {exc}") from None
+        keys = await KeyPair.generate_async()
+        client = AdminAPIClient(cfg.api_endpoint, credentials.api, user_agent(cfg))
+        dialer = Dialer(cfg, credentials, client, keys, log)
+        server = ProxyServer(cfg, dialer, log)
+        try:
+            server.open_listeners()
+        except BaseException:
+            dialer.close()
+            client.close()
+            raise
+        self.server = server
+        return server, dialer, client
