@@ -15,6 +15,7 @@ import random
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
@@ -102,7 +103,7 @@ class AdminAPIClient:
             "Authorization": f"Bearer {token}",
             "User-Agent": self._user_agent,
             "x-goog-api-client": self._user_agent,
-            "x-goog-request-params": "parent=" + requests.utils.quote(parent, safe=""),
+            "x-goog-request-params": "parent=" + quote(parent, safe=""),
             "Content-Type": "application/json",
         }
         if self._quota_project:

@@ -52,9 +52,11 @@ def _version_callback(ctx: click.Context, _param: click.Parameter, value: bool) 
 
 
 class _CobraStyleCommand(click.Command):
-    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def main(  # type: ignore[override]
+        self, args: list[str] | None = None, prog_name: str | None = None, **extra: Any
+    ) -> Any:
         try:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, prog_name, standalone_mode=False, **extra)
         except click.exceptions.NoSuchOption as exc:
             fail(f"unknown flag: {exc.option_name}")
         except click.UsageError as exc:
@@ -65,10 +67,6 @@ class _CobraStyleCommand(click.Command):
             sys.exit(exc.exit_code)
 
 
-def _option(*decls: str, **kwargs: Any) -> Any:
-    return click.option(*decls, show_default=False, **kwargs)
-
-
 @click.command(
     PROG,
     cls=_CobraStyleCommand,
@@ -76,28 +74,28 @@ def _option(*decls: str, **kwargs: Any) -> Any:
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.argument("instances", nargs=-1)
-@_option("-a", "--address", default="127.0.0.1", help="(*) Address on which to bind AlloyDB instance listeners.")
-@_option("-p", "--port", type=int, default=5432, help="(*) Initial port to use for listeners. Subsequent listeners increment from this value.")
-@_option("-u", "--unix-socket", default="", help="(*) Enables Unix sockets for all listeners using the provided directory.")
-@_option("-i", "--auto-iam-authn", is_flag=True, help="(*) Enables Automatic IAM Authentication for all instances.")
-@_option("--public-ip", is_flag=True, help="(*) Connect to the public ip address for all instances.")
-@_option("--psc", is_flag=True, help="(*) Connect to the PSC endpoint for all instances.")
-@_option("-t", "--token", default="", help="Bearer token used for authorization.")
-@_option("--login-token", default="", help="Bearer token used as a separate credential for IAM database authentication login. Only used when --auto-iam-authn is enabled.")
-@_option("-c", "--credentials-file", default="", help="Path to a service account key to use for authentication.")
-@_option("-j", "--json-credentials", default="", help="Use service account key JSON as a source of IAM credentials.")
-@_option("-g", "--gcloud-auth", is_flag=True, help="Use gcloud's user credentials as a source of IAM credentials.")
-@_option("--impersonate-service-account", default="", help="Comma separated list of service accounts to impersonate. The first value is the target account.")
-@_option("--alloydbadmin-api-endpoint", default=DEFAULT_API_ENDPOINT, help="When set, the proxy uses this host as the base API path.")
-@_option("--user-agent", default="", help="Space separated list of additional user agents, e.g. custom-agent/0.0.1")
-@_option("--lazy-refresh", is_flag=True, help="Retrieve connection info lazily and on-demand instead of refreshing it in the background.")
-@_option("--max-connections", type=click.IntRange(min=0), default=0, help="Limits the number of connections by refusing any additional connections. 0 means no limit.")
-@_option("-l", "--structured-logs", is_flag=True, help="Enable structured logs using the LogEntry format.")
-@_option("--debug-logs", is_flag=True, help="Enable debug logging.")
-@_option("--quiet", is_flag=True, help="Log error messages only.")
+@click.option("-a", "--address", default="127.0.0.1", help="(*) Address on which to bind AlloyDB instance listeners.")
+@click.option("-p", "--port", type=int, default=5432, help="(*) Initial port to use for listeners. Subsequent listeners increment from this value.")
+@click.option("-u", "--unix-socket", default="", help="(*) Enables Unix sockets for all listeners using the provided directory.")
+@click.option("-i", "--auto-iam-authn", is_flag=True, help="(*) Enables Automatic IAM Authentication for all instances.")
+@click.option("--public-ip", is_flag=True, help="(*) Connect to the public ip address for all instances.")
+@click.option("--psc", is_flag=True, help="(*) Connect to the PSC endpoint for all instances.")
+@click.option("-t", "--token", default="", help="Bearer token used for authorization.")
+@click.option("--login-token", default="", help="Bearer token used as a separate credential for IAM database authentication login. Only used when --auto-iam-authn is enabled.")
+@click.option("-c", "--credentials-file", default="", help="Path to a service account key to use for authentication.")
+@click.option("-j", "--json-credentials", default="", help="Use service account key JSON as a source of IAM credentials.")
+@click.option("-g", "--gcloud-auth", is_flag=True, help="Use gcloud's user credentials as a source of IAM credentials.")
+@click.option("--impersonate-service-account", default="", help="Comma separated list of service accounts to impersonate. The first value is the target account.")
+@click.option("--alloydbadmin-api-endpoint", default=DEFAULT_API_ENDPOINT, help="When set, the proxy uses this host as the base API path.")
+@click.option("--user-agent", default="", help="Space separated list of additional user agents, e.g. custom-agent/0.0.1")
+@click.option("--lazy-refresh", is_flag=True, help="Retrieve connection info lazily and on-demand instead of refreshing it in the background.")
+@click.option("--max-connections", type=click.IntRange(min=0), default=0, help="Limits the number of connections by refusing any additional connections. 0 means no limit.")
+@click.option("-l", "--structured-logs", is_flag=True, help="Enable structured logs using the LogEntry format.")
+@click.option("--debug-logs", is_flag=True, help="Enable debug logging.")
+@click.option("--quiet", is_flag=True, help="Log error messages only.")
 @click.option("-v", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_version_callback, help=f"Print the {PROG} version")
 @click.pass_context
-def root(ctx: click.Context, instances: tuple[str, ...], **opts: Any) -> None:
+def root(ctx: click.Context, /, instances: tuple[str, ...], **opts: Any) -> None:
     set_options = frozenset(
         name
         for name in opts

@@ -146,9 +146,12 @@ def parse_instance_arg(arg: str) -> InstanceConfig:
                 f"unix-socket-path query param should be only one value: {_go_quote_list(values)}"
             )
         cfg = replace(cfg, unix_socket_path=values[0])
-    for key, attr in (("auto-iam-authn", "auto_iam_authn"), ("public-ip", "public_ip"), ("psc", "psc")):
-        if key in params:
-            cfg = replace(cfg, **{attr: _parse_bool_param(key, params[key])})
+    if "auto-iam-authn" in params:
+        cfg = replace(cfg, auto_iam_authn=_parse_bool_param("auto-iam-authn", params["auto-iam-authn"]))
+    if "public-ip" in params:
+        cfg = replace(cfg, public_ip=_parse_bool_param("public-ip", params["public-ip"]))
+    if "psc" in params:
+        cfg = replace(cfg, psc=_parse_bool_param("psc", params["psc"]))
 
     if cfg.address is not None and cfg.unix_socket is not None:
         raise BadCommandError("cannot specify both address and unix-socket query params")

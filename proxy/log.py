@@ -90,8 +90,8 @@ def get_logger() -> Logger:
     return _logger
 
 
-def configure(**kwargs: bool) -> Logger:
+def configure(*, structured: bool = False, quiet: bool = False, debug: bool = False) -> Logger:
     """Replace the process logger (called once by the CLI)."""
     global _logger
-    _logger = Logger(**kwargs)
+    _logger = Logger(structured=structured, quiet=quiet, debug=debug)
     return _logger

@@ -147,7 +147,7 @@ def body_length(header: bytes) -> int:
     """Read the length prefix and check it against MAX_MESSAGE_SIZE."""
     if len(header) != HEADER_SIZE:
         raise MdxDecodeError("metadata exchange header must be 4 bytes")
-    (size,) = struct.unpack(">I", header)
+    size: int = struct.unpack(">I", header)[0]
     if size > MAX_MESSAGE_SIZE:
         raise MdxDecodeError(
             f"metadata exchange message length {size} exceeds the maximum of {MAX_MESSAGE_SIZE}"

@@ -72,7 +72,7 @@ class Supervisor:
                 loop.remove_signal_handler(sig)
 
     async def _run(self) -> Outcome:
-        cfg, log = self._cfg, self._log
+        log = self._log
         loop = asyncio.get_running_loop()
         startup = asyncio.ensure_future(self._start())
         stop_wait = asyncio.ensure_future(self._stop.wait())

@@ -1,0 +1,142 @@
+"""Run the real ``alloydb-auth-proxy`` command as a subprocess and watch its logs."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Self
+
+READY = "The proxy has started successfully and is ready for new connections!"
+
+
+def proxy_command() -> list[str]:
+    """The installed console script next to this interpreter, else ``python -m proxy``."""
+    script = Path(sys.executable).parent / "alloydb-auth-proxy"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("alloydb-auth-proxy")
+    return [found] if found else [sys.executable, "-m", "proxy"]
+
+
+def free_port_block(count: int, host: str = "127.0.0.1") -> int:
+    """First port of ``count`` consecutive ports that are free right now."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            base = probe.getsockname()[1]
+        if base + count > 65000:
+            continue
+        ok = True
+        for port in range(base, base + count):
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free port block")
+
+
+class ProxyProcess:
+    """One proxy subprocess; stdout and stderr lines are collected as they come."""
+
+    def __init__(
+        self,
+        args: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+        cwd: str | None = None,
+    ) -> None:
+        full_env = dict(os.environ)
+        # Never reach Google from tests, whatever the machine has configured.
+        full_env.update({"NO_GCE_CHECK": "true", "GCE_METADATA_HOST": "127.0.0.1:9"})
+        full_env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+        if env:
+            full_env.update(env)
+        self.argv = [*(prefix or []), *proxy_command(), *args]
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=full_env,
+            cwd=cwd,
+        )
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._cond = threading.Condition()
+        self._readers = [
+            threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True),
+            threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _pump(self, stream, sink: list[str]) -> None:
+        for line in stream:
+            with self._cond:
+                sink.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._cond:
+            return "\n".join(self.stdout + self.stderr)
+
+    def wait_for(self, pattern: str, timeout: float = 20.0, stream: str = "any") -> str:
+        """Wait for a log line matching the regex; fail with the whole log if it never comes."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                lines = {"stdout": self.stdout, "stderr": self.stderr}.get(
+                    stream, self.stdout + self.stderr
+                )
+                for line in lines:
+                    if regex.search(line):
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not any(r.is_alive() for r in self._readers)):
+                    raise AssertionError(
+                        f"no log line matching {pattern!r} (exit={self.proc.poll()}):\n"
+                        + "\n".join(self.stdout + self.stderr)
+                    )
+                self._cond.wait(min(left, 0.2))
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        self.wait_for(re.escape(READY), timeout, stream="stdout")
+
+    def wait_exit(self, timeout: float = 20.0) -> int:
+        code = self.proc.wait(timeout)
+        for reader in self._readers:
+            reader.join(5)
+        return code
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.wait_exit(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.wait_exit(timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
