@@ -1,0 +1,356 @@
+"""Splice: bytes in both directions, end of stream, errors, backpressure, fds."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from proxy import _splice, tlsconn
+
+from .test_tls import connect
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def assert_fds_back_to(before: int) -> None:
+    """The test's TLS server threads close their side a moment later: poll briefly."""
+    deadline = time.monotonic() + 3
+    while fd_count() != before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fd_count() == before
+
+
+async def spliced(ctx, port, *, linger=5.0):
+    """A client socket whose peer is spliced to a TLS connection to the server."""
+    conn = await connect(ctx, port)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    done = asyncio.get_running_loop().create_future()
+    calls = []
+
+    def on_done(kind, message):
+        calls.append((kind, message))
+        if not done.done():
+            done.set_result((kind, message))
+
+    splice = _splice.Splice(theirs.detach(), conn, on_done, linger)
+    splice.start(asyncio.get_running_loop())
+    return ours, splice, done, calls
+
+
+async def recv_all(sock, n=None):
+    loop = asyncio.get_running_loop()
+    chunks = []
+    got = 0
+    while n is None or got < n:
+        data = await loop.sock_recv(sock, 65536)
+        if not data:
+            break
+        chunks.append(data)
+        got += len(data)
+    return b"".join(chunks)
+
+
+def test_echo_random_chunks_and_pauses(run, tls_server, client_context):
+    server = tls_server()
+    payload = os.urandom(3 * 1024 * 1024)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sock, splice, done, calls = await spliced(client_context, server.port)
+        rnd = random.Random(7)
+
+        async def writer():
+            pos = 0
+            while pos < len(payload):
+                size = rnd.choice([1, 7, 100, 4096, 16384, 65536, 200000])
+                await loop.sock_sendall(sock, payload[pos : pos + size])
+                pos += size
+                if rnd.random() < 0.05:
+                    await asyncio.sleep(0.01)
+            sock.shutdown(socket.SHUT_WR)
+
+        _, echoed = await asyncio.gather(writer(), recv_all(sock))
+        assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+        assert await asyncio.wait_for(done, 10) == (_splice.CLIENT_CLOSED, "")
+        assert splice.bytes_client_to_server == splice.bytes_server_to_client == len(payload)
+        sock.close()
+        assert len(calls) == 1
+
+    before = fd_count()
+    run(main)
+    assert_fds_back_to(before)
+
+
+def test_fifty_megabytes_each_way(run, tls_server, client_context):
+    server = tls_server()
+    size = 50 * 1024 * 1024
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sock, splice, done, _ = await spliced(client_context, server.port)
+        block = os.urandom(1024 * 1024)
+        sent = hashlib.sha256()
+
+        async def writer():
+            for _ in range(size // len(block)):
+                sent.update(block)
+                await loop.sock_sendall(sock, block)
+            sock.shutdown(socket.SHUT_WR)
+
+        async def reader():
+            got = hashlib.sha256()
+            while data := await loop.sock_recv(sock, 262144):
+                got.update(data)
+            return got
+
+        _, got = await asyncio.gather(writer(), reader())
+        assert got.digest() == sent.digest()
+        await asyncio.wait_for(done, 10)
+        sock.close()
+
+    run(main)
+
+
+def test_bytes_buffered_before_start_are_not_lost(run, tls_server, client_context):
+    def greet_then_echo(tls):
+        # Two records at once: the client reads only the first before splicing.
+        tls.sendall(b"\x00\x00\x00\x02OK" + b"early-bytes")
+        while data := tls.recv(65536):
+            tls.sendall(data)
+
+    server = tls_server(greet_then_echo)
+
+    async def main():
+        conn = await connect(client_context, server.port)
+        await asyncio.sleep(0.2)  # let both records arrive in one socket read
+        assert await tlsconn.recv_exactly(conn, 6, timeout=5) == b"\x00\x00\x00\x02OK"
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        splice = _splice.Splice(theirs.detach(), conn, lambda k, m: None)
+        splice.start(asyncio.get_running_loop())
+        assert await asyncio.wait_for(recv_all(ours, 11), 5) == b"early-bytes"
+        splice.abort()
+        ours.close()
+
+    run(main)
+
+
+def test_client_half_close_keeps_the_tail(run, tls_server, client_context):
+    tail = os.urandom(2 * 1024 * 1024)
+
+    def read_all_then_answer(tls):
+        got = b""
+        while data := tls.recv(65536):
+            got += data
+        tls.sendall(struct.pack(">I", len(got)) + tail)
+
+    server = tls_server(read_all_then_answer)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sock, _, done, _ = await spliced(client_context, server.port)
+        await loop.sock_sendall(sock, b"x" * 100000)
+        sock.shutdown(socket.SHUT_WR)
+        answer = await recv_all(sock)
+        assert struct.unpack(">I", answer[:4])[0] == 100000
+        assert answer[4:] == tail
+        assert (await asyncio.wait_for(done, 10))[0] == _splice.CLIENT_CLOSED
+        sock.close()
+
+    run(main)
+
+
+def test_instance_close_flushes_everything(run, tls_server, client_context):
+    goodbye = os.urandom(1024 * 1024)
+
+    def send_and_close(tls):
+        tls.recv(10)
+        tls.sendall(goodbye)
+        tls.unwrap()
+
+    server = tls_server(send_and_close)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sock, _, done, _ = await spliced(client_context, server.port)
+        await loop.sock_sendall(sock, b"go")
+        await asyncio.sleep(0.3)  # the client is slow to read; bytes must wait for it
+        assert await recv_all(sock) == goodbye
+        assert await asyncio.wait_for(done, 10) == (_splice.INSTANCE_CLOSED, "")
+        sock.close()
+
+    run(main)
+
+
+def test_instance_reset_mid_stream(run, tls_server, client_context):
+    def reset(tls):
+        tls.recv(10)
+        tls.sendall(b"partial")
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        tls.close()
+
+    server = tls_server(reset)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sock, _, done, calls = await spliced(client_context, server.port)
+        await loop.sock_sendall(sock, b"go")
+        kind, message = await asyncio.wait_for(done, 10)
+        assert kind in (_splice.ERROR_READ_INSTANCE, _splice.ERROR_WRITE_INSTANCE)
+        assert "reset" in message
+        # Both of the splice's fds are closed: the client sees the end.
+        await asyncio.wait_for(recv_all(sock), 5)
+        sock.close()
+        assert len(calls) == 1
+
+    before = fd_count()
+    run(main)
+    assert_fds_back_to(before)
+
+
+def test_client_reset_mid_stream(run, tls_server, client_context):
+    server = tls_server()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        # A TCP pair so the client can send a real RST.
+        listener = socket.create_server(("127.0.0.1", 0))
+        client = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+        listener.close()
+        accepted.setblocking(False)
+        conn = await connect(client_context, server.port)
+        done = loop.create_future()
+        splice = _splice.Splice(accepted.detach(), conn, lambda k, m: done.set_result((k, m)))
+        splice.start(loop)
+        client.sendall(b"hello")
+        await asyncio.sleep(0.1)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        kind, message = await asyncio.wait_for(done, 10)
+        assert kind in (_splice.ERROR_READ_CLIENT, _splice.ERROR_WRITE_CLIENT)
+        assert "reset" in message
+
+    before = fd_count()
+    run(main)
+    assert_fds_back_to(before)
+
+
+def test_client_that_stops_reading_applies_backpressure(run, tls_server, client_context):
+    stop = threading.Event()
+
+    def firehose(tls):
+        block = b"z" * 65536
+        tls.settimeout(0.5)
+        while not stop.is_set():
+            try:
+                tls.sendall(block)
+            except (TimeoutError, OSError):
+                if stop.is_set():
+                    return
+
+    server = tls_server(firehose)
+
+    async def main():
+        sock, splice, done, _ = await spliced(client_context, server.port)
+        await asyncio.sleep(0.5)
+        first = splice.bytes_server_to_client
+        await asyncio.sleep(0.5)
+        # Nothing reads `sock`: the splice stops taking bytes from the instance.
+        assert splice.bytes_server_to_client == first
+        assert first < 16 * 1024 * 1024
+        stop.set()
+        splice.abort()
+        assert (await asyncio.wait_for(done, 5))[0] == _splice.ABORTED
+        sock.close()
+
+    run(main)
+
+
+def test_two_hundred_concurrent_splices(run, tls_server, client_context):
+    server = tls_server()
+
+    async def one(i):
+        loop = asyncio.get_running_loop()
+        sock, _, done, _ = await spliced(client_context, server.port)
+        data = os.urandom(20000 + i)
+        await loop.sock_sendall(sock, data)
+        sock.shutdown(socket.SHUT_WR)
+        assert await recv_all(sock) == data
+        kind, _ = await asyncio.wait_for(done, 20)
+        sock.close()
+        return kind
+
+    async def main():
+        kinds = await asyncio.gather(*(one(i) for i in range(200)))
+        assert set(kinds) == {_splice.CLIENT_CLOSED}
+        assert _splice.stats()["active"] == 0
+
+    before = fd_count()
+    run(main)
+    assert_fds_back_to(before)
+
+
+def test_on_done_exception_goes_to_the_loop_handler(run, tls_server, client_context):
+    server = tls_server()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        seen = []
+        loop.set_exception_handler(lambda _loop, context: seen.append(context["message"]))
+        conn = await connect(client_context, server.port)
+        ours, theirs = socket.socketpair()
+
+        def boom(kind, message):
+            raise RuntimeError("boom")
+
+        splice = _splice.Splice(theirs.detach(), conn, boom)
+        splice.start(loop)
+        splice.abort()
+        assert seen == ["exception in splice on_done callback"]
+        ours.close()
+
+    run(main)
+
+
+@pytest.mark.slow
+def test_one_gigabyte_through_one_connection(run, tls_server, client_context):
+    server = tls_server()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sock, _, done, _ = await spliced(client_context, server.port)
+        block = os.urandom(4 * 1024 * 1024)
+        total = 1024 * 1024 * 1024
+
+        async def writer():
+            for _ in range(total // len(block)):
+                await loop.sock_sendall(sock, block)
+            sock.shutdown(socket.SHUT_WR)
+
+        async def reader():
+            n = 0
+            while data := await loop.sock_recv(sock, 1 << 20):
+                n += len(data)
+            return n
+
+        start = time.monotonic()
+        _, n = await asyncio.gather(writer(), reader())
+        assert n == total
+        print(f"1 GiB echoed in {time.monotonic() - start:.1f}s")
+        await asyncio.wait_for(done, 10)
+        sock.close()
+
+    run(main)

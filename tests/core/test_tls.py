@@ -1,0 +1,94 @@
+"""TLSConnection: handshake, verification failures and the exchange phase."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from proxy import _splice, tlsconn
+
+
+async def connect(ctx, port, name="127.0.0.1"):
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    conn = _splice.TLSConnection(ctx, sock.detach(), name)
+    await tlsconn.handshake(conn, timeout=10)
+    return conn
+
+
+def test_handshake_and_small_exchange(run, tls_server, client_context):
+    server = tls_server()
+
+    async def main():
+        conn = await connect(client_context, server.port)
+        assert conn.version == "TLSv1.3"
+        assert conn.peer_certificate_der
+        await tlsconn.send_all(conn, b"\x00\x00\x00\x02hi", timeout=5)
+        assert await tlsconn.recv_exactly(conn, 6, timeout=5) == b"\x00\x00\x00\x02hi"
+        conn.close()
+
+    run(main)
+
+
+def test_dns_name_verification(run, tls_server, client_context):
+    server = tls_server()
+
+    async def main():
+        (await connect(client_context, server.port, "db.example.test.")).close()
+        with pytest.raises(_splice.TLSError, match="certificate verify failed: hostname mismatch"):
+            await connect(client_context, server.port, "other.example.test")
+
+    run(main)
+
+
+def test_ip_mismatch_refused(run, tls_server, client_context):
+    server = tls_server()
+
+    async def main():
+        # Connect to 127.0.0.1 but expect the certificate of 127.0.0.9.
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", server.port))
+        conn = _splice.TLSConnection(client_context, sock.detach(), "127.0.0.9")
+        with pytest.raises(_splice.TLSError, match="IP address mismatch"):
+            await tlsconn.handshake(conn, timeout=5)
+        conn.close()
+
+    run(main)
+
+
+def test_unknown_ca_refused(run, tls_server, pki):
+    server = tls_server()
+    other = pki["other"]
+    ctx = _splice.TLSClientContext(pki["chain"], pki["key"], other.root_pem.encode())
+
+    async def main():
+        with pytest.raises(_splice.TLSError, match="certificate verify failed"):
+            await connect(ctx, server.port)
+
+    run(main)
+
+
+def test_tls12_server_refused(run, tls_server, client_context):
+    server = tls_server(tls12_only=True)
+
+    async def main():
+        with pytest.raises(_splice.TLSError):
+            await connect(client_context, server.port)
+
+    run(main)
+
+
+def test_bad_pem_is_value_error(pki):
+    root = pki["ca"].root_pem.encode()
+    with pytest.raises(ValueError, match="client certificate"):
+        _splice.TLSClientContext(b"garbage", pki["key"], root)
+    with pytest.raises(ValueError, match="private key"):
+        _splice.TLSClientContext(pki["chain"], b"garbage", root)
+    with pytest.raises(ValueError, match="CA certificate"):
+        _splice.TLSClientContext(pki["chain"], pki["key"], b"garbage")
