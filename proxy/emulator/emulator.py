@@ -1,0 +1,203 @@
+"""The emulator as a whole: clusters, instances, tokens, logs, and its own thread.
+
+It runs its own event loop in a background thread, so a test (or any
+synchronous program) can start it, point a proxy subprocess at
+``admin_url``, flip fault switches and read the logs while it serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import os
+import re
+import socket
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from proxy import mdx
+from proxy.emulator.adminapi import AdminAPIServer, AdminRequest
+from proxy.emulator.faults import Faults
+from proxy.emulator.instance import PORT, Instance, InstanceServer
+from proxy.emulator.pki import ClusterCA
+
+T = TypeVar("T")
+
+_URI = re.compile(r"^(projects/[^/]+/locations/[^/]+/clusters/[^/]+)/instances/[^/]+$")
+# Loopback addresses for instances: the second octet comes from the pid so
+# emulators in concurrent processes rarely collide; taken ones are skipped.
+_SECOND_OCTET = 100 + os.getpid() % 100
+_address_counter = itertools.count()
+_address_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a token stands for; ``can_connect`` = has alloydb.instances.connect."""
+
+    email: str
+    can_connect: bool = True
+
+
+def _port_free(ip: str) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((ip, PORT))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                return False
+            raise
+    return True
+
+
+def allocate_ip() -> str:
+    with _address_lock:
+        while True:
+            n = next(_address_counter)
+            ip = f"127.{_SECOND_OCTET}.{n // 250 % 250}.{n % 250 + 2}"
+            if _port_free(ip):
+                return ip
+
+
+def _dns_label(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]", "-", text.lower()).strip("-") or "x"
+
+
+class Emulator:
+    def __init__(
+        self,
+        *,
+        postgres_host: str = "127.0.0.1",
+        postgres_port: int = 5432,
+        tokens: dict[str, Principal] | None = None,
+        admin_host: str = "127.0.0.1",
+        admin_port: int = 0,
+    ) -> None:
+        self.postgres_host = postgres_host
+        self.postgres_port = postgres_port
+        self.tokens = tokens
+        self.admin_host = admin_host
+        self.admin_port = admin_port
+        self.faults = Faults()
+        self.clusters: dict[str, ClusterCA] = {}
+        self.instances: dict[str, Instance] = {}
+        self.issued: dict[int, bool] = {}  # client cert serial -> useMetadataExchange
+        self.admin_requests: list[AdminRequest] = []
+        self.mdx_requests: list[tuple[str, mdx.MdxRequest]] = []
+        self.connections: list[tuple[str, str]] = []  # (instance URI, local IP it reached)
+        self._foreign_ca: ClusterCA | None = None
+        self._servers: dict[str, InstanceServer] = {}
+        self._admin = AdminAPIServer(self)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- set-up ---------------------------------------------------------
+
+    def add_instance(self, uri: str, *, public_ip: bool = False, psc: bool = False) -> Instance:
+        match = _URI.match(uri)
+        if match is None:
+            raise ValueError(f"not an instance URI: {uri!r}")
+        cluster = match.group(1)
+        if cluster not in self.clusters:
+            self.clusters[cluster] = ClusterCA(cluster)
+        inst = Instance(uri=uri, ca=self.clusters[cluster], private_ip=allocate_ip())
+        if public_ip:
+            inst.public_ip = allocate_ip()
+        if psc:
+            inst.psc_ip = allocate_ip()
+            parts = uri.split("/")
+            inst.psc_dns_name = f"{inst.uid[:12]}.{_dns_label(parts[1])}.{_dns_label(parts[3])}.alloydb.goog"
+        self.instances[uri] = inst
+        if self._loop is not None:
+            self._call(self._serve_instance(inst))
+        return inst
+
+    def hosts_entries(self) -> list[str]:
+        """/etc/hosts lines that make the PSC names resolve to their loopback IPs."""
+        return [f"{i.psc_ip} {i.psc_dns_name}" for i in self.instances.values() if i.psc_dns_name]
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.admin_host}:{self._admin.port}"
+
+    # ---- running --------------------------------------------------------
+
+    def start(self) -> Emulator:
+        if self._thread is not None:
+            return self
+        ready: Future[None] = Future()
+
+        def main() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._start_async())
+            except BaseException as exc:
+                ready.set_exception(exc)
+                loop.close()
+                return
+            ready.set_result(None)
+            loop.run_forever()
+            loop.run_until_complete(self._stop_async())
+            loop.close()
+
+        self._thread = threading.Thread(target=main, name="alloydb-emulator", daemon=True)
+        self._thread.start()
+        try:
+            ready.result(60)
+        except BaseException:
+            self._thread.join(5)
+            self._thread = None
+            self._loop = None
+            raise
+        return self
+
+    async def _start_async(self) -> None:
+        await self._admin.start(self.admin_host, self.admin_port)
+        for inst in list(self.instances.values()):
+            await self._serve_instance(inst)
+
+    async def _serve_instance(self, inst: Instance) -> None:
+        if self._foreign_ca is None:
+            self._foreign_ca = await asyncio.get_running_loop().run_in_executor(
+                None, ClusterCA, "projects/unknown/locations/x/clusters/unknown-ca"
+            )
+        server = await asyncio.get_running_loop().run_in_executor(
+            None, InstanceServer, self, inst, self._foreign_ca
+        )
+        await server.start()
+        self._servers[inst.uri] = server
+
+    async def _stop_async(self) -> None:
+        await self._admin.stop()
+        for server in self._servers.values():
+            await server.stop()
+        self._servers.clear()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(60)
+
+    def stop(self) -> None:
+        """Stop serving and join the thread; safe to call more than once."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        self._loop = None
+        self._thread = None
+
+    def __enter__(self) -> Emulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
