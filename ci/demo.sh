@@ -28,17 +28,27 @@ pids+=($!)
 for _ in $(seq 300); do [ -s "$work/state.json" ] && break; sleep 0.1; done
 [ -s "$work/state.json" ] || { cat "$work/emulator.log"; exit 1; }
 
-echo "== starting alloydb-auth-proxy"
-.venv/bin/alloydb-auth-proxy "$INSTANCE" --port "$PORT" --auto-iam-authn \
-    --alloydbadmin-api-endpoint "http://127.0.0.1:$ADMIN_PORT" --token "$TOKEN" \
-    >"$work/proxy.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 300); do grep -q "ready for new connections" "$work/proxy.log" && break; sleep 0.1; done
-cat "$work/proxy.log"
-grep -q "ready for new connections" "$work/proxy.log" || exit 1
+start_proxy() {  # start_proxy PORT LOG [flags...]
+    local port=$1 log=$2; shift 2
+    .venv/bin/alloydb-auth-proxy "$INSTANCE" --port "$port" "$@" \
+        --alloydbadmin-api-endpoint "http://127.0.0.1:$ADMIN_PORT" --token "$TOKEN" >"$log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 300); do grep -q "ready for new connections" "$log" && break; sleep 0.1; done
+    cat "$log"
+    grep -q "ready for new connections" "$log"
+}
 
-echo "== psql through the proxy as the IAM user demo-sa@demo-project.iam (no password)"
-psql -X "host=127.0.0.1 port=$PORT user=demo-sa@demo-project.iam dbname=app" \
-    -c "SELECT current_user, version()"
-echo "== the proxy's log"
-cat "$work/proxy.log"
+echo "== starting alloydb-auth-proxy (database user and password)"
+start_proxy "$PORT" "$work/proxy.log"
+echo "== psql through the proxy as app/app"
+PGPASSWORD=app psql -X "host=127.0.0.1 port=$PORT user=app dbname=app" \
+    -c "SELECT current_user, inet_server_port() AS postgres_port, version()"
+
+echo "== starting a second alloydb-auth-proxy with --auto-iam-authn"
+start_proxy "$((PORT + 1))" "$work/proxy-iam.log" --auto-iam-authn
+echo "== psql through it as the IAM user demo-sa@demo-project.iam, no password"
+psql -X -w "host=127.0.0.1 port=$((PORT + 1)) user=demo-sa@demo-project.iam dbname=app" \
+    -c "SELECT current_user"
+
+echo "== the proxies' logs"
+cat "$work/proxy.log" "$work/proxy-iam.log"

@@ -10,6 +10,7 @@ its trailing dot (the only form both Go and OpenSSL match).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -88,7 +89,9 @@ class ClusterCA:
     client_ca_key: rsa.RSAPrivateKey = field(default_factory=new_key)
 
     def __post_init__(self) -> None:
-        self.root = _ca_cert(f"root.{self.name}", self.root_key, None, self.root_key)
+        # CNs are limited to 64 characters; a digest keeps each cluster's root distinct.
+        digest = hashlib.sha256(self.name.encode()).hexdigest()[:16]
+        self.root = _ca_cert(f"alloydb-root-{digest}", self.root_key, None, self.root_key)
         self.client_ca = _ca_cert("client.alloydb", self.client_ca_key, self.root, self.root_key)
 
     @property
