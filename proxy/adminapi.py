@@ -76,9 +76,7 @@ class AdminAPIClient:
             psc_dns_name=str(body.get("pscDnsName", "")).rstrip("."),
         )
 
-    async def client_certificate(
-        self, uri: InstanceURI, public_key_pem: str
-    ) -> ClientCertificate:
+    async def client_certificate(self, uri: InstanceURI, public_key_pem: str) -> ClientCertificate:
         payload = {
             "publicKey": public_key_pem,
             "certDuration": CERT_DURATION,
@@ -114,9 +112,7 @@ class AdminAPIClient:
         deadline = time.monotonic() + _RETRY_DEADLINE
         delay = _BACKOFF_INITIAL
         while True:
-            status, body = await loop.run_in_executor(
-                None, self._send, method, url, headers, data
-            )
+            status, body = await loop.run_in_executor(None, self._send, method, url, headers, data)
             if status == 503 and time.monotonic() + delay < deadline:
                 await asyncio.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * _BACKOFF_MULTIPLIER, _BACKOFF_MAX)

@@ -86,13 +86,13 @@ async def fetch_connection_info(
             "create ephemeral cert failed", uri.short, exc, status=exc.status, reason=exc.reason
         ) from exc
     if not addresses.as_map():
-        raise ConfigError("cannot connect to instance - it has no supported IP addresses", uri.short)
+        raise ConfigError(
+            "cannot connect to instance - it has no supported IP addresses", uri.short
+        )
     try:
         leaf = x509.load_pem_x509_certificate(cert.chain_pem[0].encode())
         chain = "".join(p if p.endswith("\n") else p + "\n" for p in cert.chain_pem)
-        context = _splice.TLSClientContext(
-            chain.encode(), keys.private_pem, cert.ca_pem.encode()
-        )
+        context = _splice.TLSClientContext(chain.encode(), keys.private_pem, cert.ca_pem.encode())
     except ValueError as exc:
         raise RefreshError("create ephemeral cert failed", uri.short, exc) from exc
     return ConnectionInfo(
@@ -140,7 +140,9 @@ class RefreshAheadCache:
             return
         if not self._next_started:
             self._next.cancel()
-            self._log.debug("[%s] Connection info refresh operation scheduled immediately", self._uri.short)
+            self._log.debug(
+                "[%s] Connection info refresh operation scheduled immediately", self._uri.short
+            )
             self._next = self._schedule(0.0)
         if not self._current_is_valid():
             self._current = self._next
@@ -163,7 +165,9 @@ class RefreshAheadCache:
             await asyncio.sleep(delay)
         self._next_started = True
         await self._limiter.acquire()
-        self._log.debug("[%s] Connection info refresh operation started (type = refresh ahead)", short)
+        self._log.debug(
+            "[%s] Connection info refresh operation started (type = refresh ahead)", short
+        )
         this = asyncio.current_task()
         try:
             info = await fetch_connection_info(self._client, self._uri, self._keys)
@@ -175,7 +179,9 @@ class RefreshAheadCache:
                 self._next_started = False
                 self._next = self._schedule(0.0)
             raise
-        self._log.debug("[%s] Connection info refresh operation complete (type = refresh ahead)", short)
+        self._log.debug(
+            "[%s] Connection info refresh operation complete (type = refresh ahead)", short
+        )
         self._log.debug(
             "[%s] Current certificate expiration = %s",
             short,
@@ -211,13 +217,19 @@ class LazyCache:
     async def connection_info(self) -> ConnectionInfo:
         async with self._lock:
             info = self._info
-            if info is not None and not self._force and not lazy_needs_refresh(info.expiry, time.time()):
+            if (
+                info is not None
+                and not self._force
+                and not lazy_needs_refresh(info.expiry, time.time())
+            ):
                 self._log.debug(
                     "[%s] Connection info is still valid, using cached info (type = lazy)",
                     self._uri.short,
                 )
                 return info
-            self._log.debug("[%s] Connection info refresh operation started (type = lazy)", self._uri.short)
+            self._log.debug(
+                "[%s] Connection info refresh operation started (type = lazy)", self._uri.short
+            )
             self._info = await fetch_connection_info(self._client, self._uri, self._keys)
             self._force = False
             return self._info

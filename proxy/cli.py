@@ -74,26 +74,102 @@ class _CobraStyleCommand(click.Command):
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.argument("instances", nargs=-1)
-@click.option("-a", "--address", default="127.0.0.1", help="(*) Address on which to bind AlloyDB instance listeners.")
-@click.option("-p", "--port", type=int, default=5432, help="(*) Initial port to use for listeners. Subsequent listeners increment from this value.")
-@click.option("-u", "--unix-socket", default="", help="(*) Enables Unix sockets for all listeners using the provided directory.")
-@click.option("-i", "--auto-iam-authn", is_flag=True, help="(*) Enables Automatic IAM Authentication for all instances.")
-@click.option("--public-ip", is_flag=True, help="(*) Connect to the public ip address for all instances.")
+@click.option(
+    "-a",
+    "--address",
+    default="127.0.0.1",
+    help="(*) Address on which to bind AlloyDB instance listeners.",
+)
+@click.option(
+    "-p",
+    "--port",
+    type=int,
+    default=5432,
+    help="(*) Initial port to use for listeners. Subsequent listeners increment from this value.",
+)
+@click.option(
+    "-u",
+    "--unix-socket",
+    default="",
+    help="(*) Enables Unix sockets for all listeners using the provided directory.",
+)
+@click.option(
+    "-i",
+    "--auto-iam-authn",
+    is_flag=True,
+    help="(*) Enables Automatic IAM Authentication for all instances.",
+)
+@click.option(
+    "--public-ip", is_flag=True, help="(*) Connect to the public ip address for all instances."
+)
 @click.option("--psc", is_flag=True, help="(*) Connect to the PSC endpoint for all instances.")
 @click.option("-t", "--token", default="", help="Bearer token used for authorization.")
-@click.option("--login-token", default="", help="Bearer token used as a separate credential for IAM database authentication login. Only used when --auto-iam-authn is enabled.")
-@click.option("-c", "--credentials-file", default="", help="Path to a service account key to use for authentication.")
-@click.option("-j", "--json-credentials", default="", help="Use service account key JSON as a source of IAM credentials.")
-@click.option("-g", "--gcloud-auth", is_flag=True, help="Use gcloud's user credentials as a source of IAM credentials.")
-@click.option("--impersonate-service-account", default="", help="Comma separated list of service accounts to impersonate. The first value is the target account.")
-@click.option("--alloydbadmin-api-endpoint", default=DEFAULT_API_ENDPOINT, help="When set, the proxy uses this host as the base API path.")
-@click.option("--user-agent", default="", help="Space separated list of additional user agents, e.g. custom-agent/0.0.1")
-@click.option("--lazy-refresh", is_flag=True, help="Retrieve connection info lazily and on-demand instead of refreshing it in the background.")
-@click.option("--max-connections", type=click.IntRange(min=0), default=0, help="Limits the number of connections by refusing any additional connections. 0 means no limit.")
-@click.option("-l", "--structured-logs", is_flag=True, help="Enable structured logs using the LogEntry format.")
+@click.option(
+    "--login-token",
+    default="",
+    help="Bearer token used as a separate credential for IAM database authentication login. Only used when --auto-iam-authn is enabled.",
+)
+@click.option(
+    "-c",
+    "--credentials-file",
+    default="",
+    help="Path to a service account key to use for authentication.",
+)
+@click.option(
+    "-j",
+    "--json-credentials",
+    default="",
+    help="Use service account key JSON as a source of IAM credentials.",
+)
+@click.option(
+    "-g",
+    "--gcloud-auth",
+    is_flag=True,
+    help="Use gcloud's user credentials as a source of IAM credentials.",
+)
+@click.option(
+    "--impersonate-service-account",
+    default="",
+    help="Comma separated list of service accounts to impersonate. The first value is the target account.",
+)
+@click.option(
+    "--alloydbadmin-api-endpoint",
+    default=DEFAULT_API_ENDPOINT,
+    help="When set, the proxy uses this host as the base API path.",
+)
+@click.option(
+    "--user-agent",
+    default="",
+    help="Space separated list of additional user agents, e.g. custom-agent/0.0.1",
+)
+@click.option(
+    "--lazy-refresh",
+    is_flag=True,
+    help="Retrieve connection info lazily and on-demand instead of refreshing it in the background.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Limits the number of connections by refusing any additional connections. 0 means no limit.",
+)
+@click.option(
+    "-l",
+    "--structured-logs",
+    is_flag=True,
+    help="Enable structured logs using the LogEntry format.",
+)
 @click.option("--debug-logs", is_flag=True, help="Enable debug logging.")
 @click.option("--quiet", is_flag=True, help="Log error messages only.")
-@click.option("-v", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_version_callback, help=f"Print the {PROG} version")
+@click.option(
+    "-v",
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_version_callback,
+    help=f"Print the {PROG} version",
+)
 @click.pass_context
 def root(ctx: click.Context, /, instances: tuple[str, ...], **opts: Any) -> None:
     set_options = frozenset(
@@ -121,12 +197,32 @@ def build_config(
         raise BadCommandError(f'not a valid IP address: "{opts["address"]}"') from None
 
     exclusive = [
-        ("token", "credentials_file", "cannot specify --token and --credentials-file flags at the same time"),
+        (
+            "token",
+            "credentials_file",
+            "cannot specify --token and --credentials-file flags at the same time",
+        ),
         ("token", "gcloud_auth", "cannot specify --token and --gcloud-auth flags at the same time"),
-        ("credentials_file", "gcloud_auth", "cannot specify --credentials-file and --gcloud-auth flags at the same time"),
-        ("json_credentials", "token", "cannot specify --json-credentials and --token flags at the same time"),
-        ("json_credentials", "credentials_file", "cannot specify --json-credentials and --credentials-file flags at the same time"),
-        ("json_credentials", "gcloud_auth", "cannot specify --json-credentials and --gcloud-auth flags at the same time"),
+        (
+            "credentials_file",
+            "gcloud_auth",
+            "cannot specify --credentials-file and --gcloud-auth flags at the same time",
+        ),
+        (
+            "json_credentials",
+            "token",
+            "cannot specify --json-credentials and --token flags at the same time",
+        ),
+        (
+            "json_credentials",
+            "credentials_file",
+            "cannot specify --json-credentials and --credentials-file flags at the same time",
+        ),
+        (
+            "json_credentials",
+            "gcloud_auth",
+            "cannot specify --json-credentials and --gcloud-auth flags at the same time",
+        ),
     ]
     for first, second, message in exclusive:
         if opts[first] and opts[second]:
@@ -172,7 +268,9 @@ def run(cfg: Config) -> int:
     if "alloydbadmin_api_endpoint" in cfg.set_options:
         log.info("Using API Endpoint %s", cfg.api_endpoint)
     if cfg.login_token and not any(cfg.auto_iam_for(i) for i in cfg.instances):
-        log.info("Ignoring --login-token because --auto-iam-authn is not enabled (globally or per-instance)")
+        log.info(
+            "Ignoring --login-token because --auto-iam-authn is not enabled (globally or per-instance)"
+        )
 
     from proxy.eventloop import run_until_complete
     from proxy.supervisor import Supervisor

@@ -147,7 +147,9 @@ def parse_instance_arg(arg: str) -> InstanceConfig:
             )
         cfg = replace(cfg, unix_socket_path=values[0])
     if "auto-iam-authn" in params:
-        cfg = replace(cfg, auto_iam_authn=_parse_bool_param("auto-iam-authn", params["auto-iam-authn"]))
+        cfg = replace(
+            cfg, auto_iam_authn=_parse_bool_param("auto-iam-authn", params["auto-iam-authn"])
+        )
     if "public-ip" in params:
         cfg = replace(cfg, public_ip=_parse_bool_param("public-ip", params["public-ip"]))
     if "psc" in params:

@@ -239,7 +239,9 @@ def resolve(
 
     if impersonate:
         imp = GoogleAuthTokenSource(_impersonate(api, impersonate, [CLOUD_PLATFORM_SCOPE]))
-        return CredentialSet(imp, StaticTokenSource(login_token) if login_token else imp, description)
+        return CredentialSet(
+            imp, StaticTokenSource(login_token) if login_token else imp, description
+        )
     login_source: TokenSource = (
         StaticTokenSource(login_token) if login_token else GoogleAuthTokenSource(login)
     )

@@ -173,5 +173,6 @@ class Dialer:
 
 
 def _hostport(address: str) -> str:
-    return f"[{address}]:{SERVER_PROXY_PORT}" if ":" in address else f"{address}:{SERVER_PROXY_PORT}"
-
+    return (
+        f"[{address}]:{SERVER_PROXY_PORT}" if ":" in address else f"{address}:{SERVER_PROXY_PORT}"
+    )

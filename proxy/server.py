@@ -12,6 +12,7 @@ every per-connection failure stays in that connection's task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import socket
@@ -107,11 +108,11 @@ class ProxyServer:
                 if exc.filename is None
                 else f"stat {exc.filename}: {reason}"
             )
-            raise StartupError(f"unable to start: [{short}] Unable to mount socket: {what}") from None
-        try:
+            raise StartupError(
+                f"unable to start: [{short}] Unable to mount socket: {what}"
+            ) from None
+        with contextlib.suppress(OSError):
             os.chmod(mount.path, 0o777)  # best effort, as the Go proxy does
-        except OSError:
-            pass
         sock.setblocking(False)
         return Listener(inst, sock, mount.path, unix_path=mount.path)
 
@@ -132,7 +133,11 @@ class ProxyServer:
         except OSError as exc:
             sock.close()
             reason = (exc.strerror or str(exc)).lower()
-            where = f"[{mount.address}]:{mount.port}" if ":" in mount.address else f"{mount.address}:{mount.port}"
+            where = (
+                f"[{mount.address}]:{mount.port}"
+                if ":" in mount.address
+                else f"{mount.address}:{mount.port}"
+            )
             raise StartupError(
                 f"unable to start: [{inst.uri.short}] Unable to mount socket: "
                 f"listen tcp {where}: bind: {reason}"
@@ -157,10 +162,8 @@ class ProxyServer:
                 loop.remove_reader(listener.sock.fileno())
             listener.sock.close()
             if listener.unix_path:
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(listener.unix_path)
-                except OSError:
-                    pass
         self._listeners.clear()
 
     # ---- accepting -------------------------------------------------------
@@ -193,7 +196,9 @@ class ProxyServer:
 
     def _accepted(self, listener: Listener, client: socket.socket, addr: object) -> None:
         short = listener.inst.uri.short
-        self._log.info("[%s] accepted connection from %s\n", short, _format_addr(client.family, addr))
+        self._log.info(
+            "[%s] accepted connection from %s\n", short, _format_addr(client.family, addr)
+        )
         self._count(+1)
         limit = self._cfg.max_connections
         if limit and self.connection_count > limit:

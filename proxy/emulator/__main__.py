@@ -28,22 +28,48 @@ def _split_token(value: str) -> tuple[str, str]:
 
 
 @click.command("alloydb-emulator", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--instance", "instances", multiple=True, required=True,
-              help="Instance URI projects/P/locations/R/clusters/C/instances/I (repeatable).")
+@click.option(
+    "--instance",
+    "instances",
+    multiple=True,
+    required=True,
+    help="Instance URI projects/P/locations/R/clusters/C/instances/I (repeatable).",
+)
 @click.option("--public-ip", is_flag=True, help="Give every instance a public IP too.")
 @click.option("--psc", is_flag=True, help="Give every instance a PSC DNS name too.")
-@click.option("--token", "tokens", multiple=True,
-              help="TOKEN=EMAIL: a bearer token and the principal it stands for (repeatable). "
-                   "Without any, every token is accepted and AUTO_IAM is refused.")
-@click.option("--admin-port", type=int, default=8088, show_default=True, help="Admin API port on 127.0.0.1.")
+@click.option(
+    "--token",
+    "tokens",
+    multiple=True,
+    help="TOKEN=EMAIL: a bearer token and the principal it stands for (repeatable). "
+    "Without any, every token is accepted and AUTO_IAM is refused.",
+)
+@click.option(
+    "--admin-port", type=int, default=8088, show_default=True, help="Admin API port on 127.0.0.1."
+)
 @click.option("--postgres", default="", help="HOST:PORT of an existing PostgreSQL to front.")
-@click.option("--db-user", default="app", show_default=True, help="Native user of the temporary PostgreSQL.")
+@click.option(
+    "--db-user", default="app", show_default=True, help="Native user of the temporary PostgreSQL."
+)
 @click.option("--db-password", default="app", show_default=True, help="Its password.")
 @click.option("--db-name", default="app", show_default=True, help="Database it owns.")
-@click.option("--state-file", default="", help="Write admin URL, instance addresses and PostgreSQL address here (JSON).")
-def main(instances: tuple[str, ...], public_ip: bool, psc: bool, tokens: tuple[str, ...],
-         admin_port: int, postgres: str, db_user: str, db_password: str, db_name: str,
-         state_file: str) -> None:
+@click.option(
+    "--state-file",
+    default="",
+    help="Write admin URL, instance addresses and PostgreSQL address here (JSON).",
+)
+def main(
+    instances: tuple[str, ...],
+    public_ip: bool,
+    psc: bool,
+    tokens: tuple[str, ...],
+    admin_port: int,
+    postgres: str,
+    db_user: str,
+    db_password: str,
+    db_name: str,
+    state_file: str,
+) -> None:
     principals = {t: Principal(e) for t, e in map(_split_token, tokens)} or None
     cluster: PostgresCluster | None = None
     emu: Emulator | None = None
@@ -63,8 +89,9 @@ def main(instances: tuple[str, ...], public_ip: bool, psc: bool, tokens: tuple[s
                 cluster.create_iam_user(iam_user)
                 cluster.psql(f'GRANT ALL ON DATABASE "{db_name}" TO "{iam_user}"')
             pg_host, pg_port = cluster.host, cluster.port
-        emu = Emulator(postgres_host=pg_host, postgres_port=pg_port, tokens=principals,
-                       admin_port=admin_port)
+        emu = Emulator(
+            postgres_host=pg_host, postgres_port=pg_port, tokens=principals, admin_port=admin_port
+        )
         for uri in instances:
             emu.add_instance(uri, public_ip=public_ip, psc=psc)
         emu.start()
@@ -72,16 +99,20 @@ def main(instances: tuple[str, ...], public_ip: bool, psc: bool, tokens: tuple[s
             "admin_url": emu.admin_url,
             "postgres": {"host": pg_host, "port": pg_port},
             "instances": {
-                i.uri: {"private_ip": i.private_ip, "public_ip": i.public_ip,
-                        "psc_dns_name": i.psc_dns_name, "psc_ip": i.psc_ip}
+                i.uri: {
+                    "private_ip": i.private_ip,
+                    "public_ip": i.public_ip,
+                    "psc_dns_name": i.psc_dns_name,
+                    "psc_ip": i.psc_ip,
+                }
                 for i in emu.instances.values()
             },
         }
-        click.echo(f"AlloyDB emulator: Admin API at {emu.admin_url} (use it as --alloydbadmin-api-endpoint)")
+        click.echo(
+            f"AlloyDB emulator: Admin API at {emu.admin_url} (use it as --alloydbadmin-api-endpoint)"
+        )
         for uri, addrs in state["instances"].items():
-            extra = "".join(
-                f", {k} {v}" for k, v in addrs.items() if v and k != "private_ip"
-            )
+            extra = "".join(f", {k} {v}" for k, v in addrs.items() if v and k != "private_ip")
             click.echo(f"  {uri}: private IP {addrs['private_ip']}{extra}, port 5433")
         click.echo(f"  in front of PostgreSQL at {pg_host}:{pg_port}")
         if state_file:

@@ -64,7 +64,9 @@ def error_body(status: int, message: str) -> dict[str, Any]:
         "error": {
             "code": status,
             "message": message,
-            "status": _STATUS_NAMES.get(status, HTTPStatus(status).phrase.upper().replace(" ", "_")),
+            "status": _STATUS_NAMES.get(
+                status, HTTPStatus(status).phrase.upper().replace(" ", "_")
+            ),
         }
     }
 
@@ -138,7 +140,9 @@ class AdminAPIServer:
             body = parsed if isinstance(parsed, dict) else None
         token = headers.get("authorization", "")
         token = token[7:] if token.lower().startswith("bearer ") else ""
-        emu.admin_requests.append(AdminRequest(method, path, token, headers.get("user-agent", ""), body))
+        emu.admin_requests.append(
+            AdminRequest(method, path, token, headers.get("user-agent", ""), body)
+        )
 
         if path == "/emulator/v1/faults" and method == "POST":
             try:
@@ -182,7 +186,10 @@ class AdminAPIServer:
         if principal is None:
             raise HttpError(401, "Request had invalid authentication credentials.")
         if not principal.can_connect:
-            raise HttpError(403, f"Permission 'alloydb.clusters.generateClientCertificate' denied for {principal.email}")
+            raise HttpError(
+                403,
+                f"Permission 'alloydb.clusters.generateClientCertificate' denied for {principal.email}",
+            )
 
     def _connection_info(self, name: str) -> dict[str, Any]:
         inst = self.emu.instances.get(name)

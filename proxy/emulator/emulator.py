@@ -110,7 +110,9 @@ class Emulator:
         if psc:
             inst.psc_ip = allocate_ip()
             parts = uri.split("/")
-            inst.psc_dns_name = f"{inst.uid[:12]}.{_dns_label(parts[1])}.{_dns_label(parts[3])}.alloydb.goog"
+            inst.psc_dns_name = (
+                f"{inst.uid[:12]}.{_dns_label(parts[1])}.{_dns_label(parts[3])}.alloydb.goog"
+            )
         self.instances[uri] = inst
         if self._loop is not None:
             self._call(self._serve_instance(inst))

@@ -97,7 +97,9 @@ class InstanceServer:
         inst = self.inst
         dns = [inst.psc_dns_name] if inst.psc_dns_name else []
         good, key = inst.ca.server_certificate(inst.ips, dns, inst.uid)
-        wrong, _ = inst.ca.server_certificate(["127.255.255.254"], ["wrong.alloydb.invalid"], inst.uid, key=key)
+        wrong, _ = inst.ca.server_certificate(
+            ["127.255.255.254"], ["wrong.alloydb.invalid"], inst.uid, key=key
+        )
         foreign, _ = inst.ca.server_certificate(inst.ips, dns, inst.uid, key=key, signer=other_ca)
         k = key_pem(key)
         contexts = {
@@ -106,7 +108,9 @@ class InstanceServer:
             "unknown_ca": self._context(foreign, k, other_ca.root_pem),
         }
 
-        def choose_certificate(sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        def choose_certificate(
+            sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext
+        ) -> None:
             # Called during every handshake: swap in a faulty certificate on demand.
             if self._fault("wrong_san"):
                 sslobj.context = contexts["wrong_san"]
@@ -120,8 +124,12 @@ class InstanceServer:
         try:
             for ip in self.inst.ips:
                 server = await asyncio.start_server(
-                    self._serve, ip, PORT, reuse_address=True,
-                    ssl=self._contexts["good"], ssl_handshake_timeout=MDX_TIMEOUT,
+                    self._serve,
+                    ip,
+                    PORT,
+                    reuse_address=True,
+                    ssl=self._contexts["good"],
+                    ssl_handshake_timeout=MDX_TIMEOUT,
                 )
                 self.servers.append(server)
         except BaseException:
@@ -152,7 +160,13 @@ class InstanceServer:
                     return
                 auth_type, principal = result
             pg_writer = await self._front_door(reader, writer, auth_type, principal)
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError, mdx.MdxDecodeError):
+        except (
+            ConnectionError,
+            asyncio.IncompleteReadError,
+            TimeoutError,
+            ssl.SSLError,
+            mdx.MdxDecodeError,
+        ):
             pass
         finally:
             if pg_writer is not None:
@@ -223,7 +237,7 @@ class InstanceServer:
             writer.write(pg_error("unsupported frontend protocol", "08P01"))
             return pg_writer
         parts = rest.split(b"\0")
-        params = dict(zip(parts[0::2], parts[1::2]))
+        params = dict(zip(parts[0::2], parts[1::2], strict=False))
         user = params.get(b"user", b"").decode("utf-8", "replace")
         if auth_type == mdx.AUTO_IAM:
             expected = db_user_for(getattr(principal, "email", ""))

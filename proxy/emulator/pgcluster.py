@@ -77,7 +77,9 @@ class PostgresCluster:
             [*self._as_server_user(), *args], capture_output=True, text=True, check=False
         )
         if result.returncode != 0:
-            raise RuntimeError(f"{os.path.basename(args[0])} failed: {result.stderr or result.stdout}")
+            raise RuntimeError(
+                f"{os.path.basename(args[0])} failed: {result.stderr or result.stdout}"
+            )
 
     def start(self) -> PostgresCluster:
         self._tmp = tempfile.mkdtemp(prefix="alloydb-emulator-pg-")
@@ -90,8 +92,16 @@ class PostgresCluster:
                 os.chown(path, owner.pw_uid, owner.pw_gid)
         try:
             self._run(
-                os.path.join(self.bindir, "initdb"), "-D", data, "-U", self.superuser,
-                "-E", "UTF8", "--no-sync", "--auth-local=trust", "--auth-host=scram-sha-256",
+                os.path.join(self.bindir, "initdb"),
+                "-D",
+                data,
+                "-U",
+                self.superuser,
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
             )
             with open(os.path.join(data, "pg_hba.conf"), "w", encoding="utf-8") as fh:
                 fh.write(_HBA)
@@ -104,8 +114,17 @@ class PostgresCluster:
                 )
                 try:
                     self._run(
-                        os.path.join(self.bindir, "pg_ctl"), "-D", data, "-o", options,
-                        "-l", os.path.join(self._tmp, "server.log"), "-w", "-t", "60", "start",
+                        os.path.join(self.bindir, "pg_ctl"),
+                        "-D",
+                        data,
+                        "-o",
+                        options,
+                        "-l",
+                        os.path.join(self._tmp, "server.log"),
+                        "-w",
+                        "-t",
+                        "60",
+                        "start",
                     )
                     break
                 except RuntimeError:
@@ -133,8 +152,15 @@ class PostgresCluster:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             result = subprocess.run(
-                [os.path.join(self.bindir, "pg_isready"), "-h", self.socket_dir, "-p", str(self.port)],
-                capture_output=True, check=False,
+                [
+                    os.path.join(self.bindir, "pg_isready"),
+                    "-h",
+                    self.socket_dir,
+                    "-p",
+                    str(self.port),
+                ],
+                capture_output=True,
+                check=False,
             )
             if result.returncode == 0:
                 return
@@ -144,9 +170,27 @@ class PostgresCluster:
     def psql(self, sql: str, dbname: str = "postgres") -> str:
         """Run SQL as the superuser over the unix socket; returns unaligned output."""
         result = subprocess.run(
-            ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", self.socket_dir,
-             "-p", str(self.port), "-U", self.superuser, "-d", dbname, "-c", sql],
-            capture_output=True, text=True, check=False,
+            [
+                "psql",
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                self.socket_dir,
+                "-p",
+                str(self.port),
+                "-U",
+                self.superuser,
+                "-d",
+                dbname,
+                "-c",
+                sql,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0:
             raise RuntimeError(f"psql failed: {result.stderr.strip()}")
@@ -170,9 +214,18 @@ class PostgresCluster:
         if self._running:
             self._running = False
             subprocess.run(
-                [*self._as_server_user(), os.path.join(self.bindir, "pg_ctl"), "-D",
-                 os.path.join(self._tmp, "data"), "-m", "immediate", "-w", "stop"],
-                capture_output=True, check=False,
+                [
+                    *self._as_server_user(),
+                    os.path.join(self.bindir, "pg_ctl"),
+                    "-D",
+                    os.path.join(self._tmp, "data"),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "stop",
+                ],
+                capture_output=True,
+                check=False,
             )
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy import mdx
-from proxy.emulator import Emulator, PostgresCluster
+from proxy.emulator import PostgresCluster
 
 from ..conftest import TOKEN_APP, TOKEN_DENIED, URI
 
@@ -38,7 +38,9 @@ def call(emu, method, path, token=TOKEN_APP, body=None):
 
 @pytest.mark.parametrize("version", ["v1", "v1beta", "v1alpha"])
 def test_connection_info_under_every_version(emulator, version):
-    resp = call(emulator, "GET", f"/{version}/{URI}/connectionInfo?%24alt=json%3Benum-encoding%3Dint")
+    resp = call(
+        emulator, "GET", f"/{version}/{URI}/connectionInfo?%24alt=json%3Benum-encoding%3Dint"
+    )
     assert resp.status_code == 200
     body = resp.json()
     inst = emulator.instances[URI]
@@ -52,8 +54,12 @@ def test_connection_info_under_every_version(emulator, version):
 )
 def test_client_certificate_chain(emulator, fmt):
     key, pem_key = public_key(fmt)
-    resp = call(emulator, "POST", f"/v1beta/{CLUSTER}:generateClientCertificate",
-                body={"publicKey": pem_key, "certDuration": "3600s", "useMetadataExchange": True})
+    resp = call(
+        emulator,
+        "POST",
+        f"/v1beta/{CLUSTER}:generateClientCertificate",
+        body={"publicKey": pem_key, "certDuration": "3600s", "useMetadataExchange": True},
+    )
     assert resp.status_code == 200
     body = resp.json()
     chain = [x509.load_pem_x509_certificate(p.encode()) for p in body["pemCertificateChain"]]
@@ -86,13 +92,18 @@ def test_google_style_errors(emulator, token, path, status, name):
 
 
 def test_bad_public_key_is_400(emulator):
-    resp = call(emulator, "POST", f"/v1/{CLUSTER}:generateClientCertificate", body={"publicKey": "x"})
+    resp = call(
+        emulator, "POST", f"/v1/{CLUSTER}:generateClientCertificate", body={"publicKey": "x"}
+    )
     assert resp.status_code == 400 and resp.json()["error"]["status"] == "INVALID_ARGUMENT"
 
 
 def test_forced_status_counts_down_and_control_endpoint(emulator):
-    resp = requests.post(emulator.admin_url + "/emulator/v1/faults",
-                         json={"admin_status": 503, "admin_status_count": 1}, timeout=10)
+    resp = requests.post(
+        emulator.admin_url + "/emulator/v1/faults",
+        json={"admin_status": 503, "admin_status_count": 1},
+        timeout=10,
+    )
     assert resp.status_code == 200
     assert call(emulator, "GET", f"/v1beta/{URI}/connectionInfo").status_code == 503
     assert call(emulator, "GET", f"/v1beta/{URI}/connectionInfo").status_code == 200
@@ -105,8 +116,12 @@ def test_forced_status_counts_down_and_control_endpoint(emulator):
 def tls_client(emulator, ip, *, server_hostname=None):
     """A Python ssl client with a fresh certificate from the emulator."""
     key, pem_key = public_key(serialization.PublicFormat.SubjectPublicKeyInfo)
-    body = call(emulator, "POST", f"/v1beta/{CLUSTER}:generateClientCertificate",
-                body={"publicKey": pem_key, "useMetadataExchange": True}).json()
+    body = call(
+        emulator,
+        "POST",
+        f"/v1beta/{CLUSTER}:generateClientCertificate",
+        body={"publicKey": pem_key, "useMetadataExchange": True},
+    ).json()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_verify_locations(cadata=body["caCert"])
@@ -115,8 +130,13 @@ def tls_client(emulator, ip, *, server_hostname=None):
         with open(chain, "w") as fh:
             fh.write("".join(body["pemCertificateChain"]))
         with open(keyfile, "wb") as fh:
-            fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+            fh.write(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
         ctx.load_cert_chain(chain, keyfile)
     raw = socket.create_connection((ip, 5433), timeout=10)
     return ctx.wrap_socket(raw, server_hostname=server_hostname or ip)
@@ -158,8 +178,10 @@ def test_mdx_error_fault_and_unknown_token(emulator):
         assert tls.recv(100) == mdx.encode_response(mdx.MdxResponse(mdx.ERROR, "boom"))
 
 
-@pytest.mark.parametrize(("fault", "reason"), [("wrong_san", "IP address mismatch"),
-                                                ("unknown_ca", "certificate verify failed")])
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [("wrong_san", "IP address mismatch"), ("unknown_ca", "certificate verify failed")],
+)
 def test_certificate_faults_fail_verification(emulator, fault, reason):
     inst = emulator.instances[URI]
     inst.faults.set(**{fault: True})
@@ -172,8 +194,12 @@ def test_client_certificate_of_another_cluster_is_rejected(emulator):
     emulator.add_instance(other_uri)
     other = emulator.instances[other_uri]
     key, pem_key = public_key(serialization.PublicFormat.SubjectPublicKeyInfo)
-    body = call(emulator, "POST", f"/v1beta/{CLUSTER}:generateClientCertificate",
-                body={"publicKey": pem_key}).json()
+    body = call(
+        emulator,
+        "POST",
+        f"/v1beta/{CLUSTER}:generateClientCertificate",
+        body={"publicKey": pem_key},
+    ).json()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # a certificate for CLUSTER ...
@@ -182,15 +208,22 @@ def test_client_certificate_of_another_cluster_is_rejected(emulator):
         with open(chain, "w") as fh:
             fh.write("".join(body["pemCertificateChain"]))
         with open(keyfile, "wb") as fh:
-            fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+            fh.write(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
         ctx.load_cert_chain(chain, keyfile)
     # ... is refused by an instance of another cluster (seen at the first read in TLS 1.3).
-    with pytest.raises((ssl.SSLError, ConnectionError)):
-        with ctx.wrap_socket(socket.create_connection((other.private_ip, 5433), timeout=10)) as tls:
-            tls.sendall(mdx.encode_request(mdx.MdxRequest("t", mdx.DB_NATIVE, TOKEN_APP)))
-            if not tls.recv(10):
-                raise ConnectionError("closed")
+    with (
+        pytest.raises((ssl.SSLError, ConnectionError)),
+        ctx.wrap_socket(socket.create_connection((other.private_ip, 5433), timeout=10)) as tls,
+    ):
+        tls.sendall(mdx.encode_request(mdx.MdxRequest("t", mdx.DB_NATIVE, TOKEN_APP)))
+        if not tls.recv(10):
+            raise ConnectionError("closed")
 
 
 def test_postgres_cluster_stops_cleanly():
@@ -209,10 +242,23 @@ def test_command_runs_writes_state_and_stops_on_sigterm(tmp_path):
         probe.bind(("127.0.0.1", 0))
         admin_port = probe.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.emulator", "--instance", URI, "--psc",
-         "--token", "t=someone@p.iam.gserviceaccount.com", "--admin-port", str(admin_port),
-         "--state-file", str(state)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "proxy.emulator",
+            "--instance",
+            URI,
+            "--psc",
+            "--token",
+            "t=someone@p.iam.gserviceaccount.com",
+            "--admin-port",
+            str(admin_port),
+            "--state-file",
+            str(state),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 60
@@ -222,8 +268,11 @@ def test_command_runs_writes_state_and_stops_on_sigterm(tmp_path):
         assert info["admin_url"] == f"http://127.0.0.1:{admin_port}"
         assert info["instances"][URI]["psc_dns_name"].endswith(".alloydb.goog")
         pg_port = info["postgres"]["port"]
-        resp = requests.get(f"{info['admin_url']}/v1beta/{URI}/connectionInfo",
-                            headers={"Authorization": "Bearer t"}, timeout=10)
+        resp = requests.get(
+            f"{info['admin_url']}/v1beta/{URI}/connectionInfo",
+            headers={"Authorization": "Bearer t"},
+            timeout=10,
+        )
         assert resp.status_code == 200
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -30,8 +30,9 @@ class RestAdminAdapter:
         self.headers = {"Authorization": f"Bearer {token}"}
 
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
-        resp = requests.request(method, f"{self.base_url}/v1beta/{path}", json=body,
-                                headers=self.headers, timeout=30)
+        resp = requests.request(
+            method, f"{self.base_url}/v1beta/{path}", json=body, headers=self.headers, timeout=30
+        )
         resp.raise_for_status()
         return resp.json()
 
@@ -45,12 +46,18 @@ class RestAdminAdapter:
 
     async def generate_client_certificate(self, request):
         body = await asyncio.to_thread(
-            self._call, "POST", f"{request.parent}:generateClientCertificate",
-            {"publicKey": request.public_key, "certDuration": f"{request.cert_duration.seconds}s",
-             "useMetadataExchange": request.use_metadata_exchange},
+            self._call,
+            "POST",
+            f"{request.parent}:generateClientCertificate",
+            {
+                "publicKey": request.public_key,
+                "certDuration": f"{request.cert_duration.seconds}s",
+                "useMetadataExchange": request.use_metadata_exchange,
+            },
         )
-        return types.SimpleNamespace(ca_cert=body["caCert"],
-                                     pem_certificate_chain=body["pemCertificateChain"])
+        return types.SimpleNamespace(
+            ca_cert=body["caCert"], pem_certificate_chain=body["pemCertificateChain"]
+        )
 
 
 def connector_for(emulator, token: str, **kwargs):
@@ -58,8 +65,11 @@ def connector_for(emulator, token: str, **kwargs):
     creds = Credentials(token=token, expiry=dt.datetime(2099, 1, 1))
     connector = alloydbconnector.Connector(credentials=creds, **kwargs)
     connector._client = AlloyDBClient(
-        emulator.admin_url, None, creds,
-        client=RestAdminAdapter(emulator.admin_url, token), driver="pg8000",
+        emulator.admin_url,
+        None,
+        creds,
+        client=RestAdminAdapter(emulator.admin_url, token),
+        driver="pg8000",
     )
     return connector
 

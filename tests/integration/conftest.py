@@ -47,9 +47,17 @@ def port():
     return free_port_block(4)
 
 
-def psql(sql: str, *, host: str, port: int | None = None, user: str = DB_USER,
-         password: str | None = DB_PASSWORD, dbname: str = DB_NAME, check: bool = True,
-         timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def psql(
+    sql: str,
+    *,
+    host: str,
+    port: int | None = None,
+    user: str = DB_USER,
+    password: str | None = DB_PASSWORD,
+    dbname: str = DB_NAME,
+    check: bool = True,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
     """Run the real psql client; returns the completed process (stdout = unaligned rows)."""
     dsn = f"host={host} user={user} dbname={dbname} connect_timeout=20"
     if port is not None:
@@ -59,7 +67,11 @@ def psql(sql: str, *, host: str, port: int | None = None, user: str = DB_USER,
         env["PGPASSWORD"] = password
     result = subprocess.run(
         ["psql", "-X", "-A", "-t", "-w", "-v", "ON_ERROR_STOP=1", "-c", sql, dsn],
-        capture_output=True, text=True, env=env, timeout=timeout, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"psql failed ({result.returncode}): {result.stderr}")

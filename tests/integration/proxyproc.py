@@ -110,7 +110,9 @@ class ProxyProcess:
                     if regex.search(line):
                         return line
                 left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not any(r.is_alive() for r in self._readers)):
+                if left <= 0 or (
+                    self.proc.poll() is not None and not any(r.is_alive() for r in self._readers)
+                ):
                     raise AssertionError(
                         f"no log line matching {pattern!r} (exit={self.proc.poll()}):\n"
                         + "\n".join(self.stdout + self.stderr)

@@ -20,16 +20,27 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> ProxyProcess:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["projects/proj/locations/region/clusters/clust/"],
-         'Error: could not parse instance uri: "projects/proj/locations/region/clusters/clust/"'),
-        ([], ("Error: missing instance uri (e.g., projects/$PROJECT/locations/$LOCATION/"
-              "clusters/$CLUSTER/instances/$INSTANCE)")),
+        (
+            ["projects/proj/locations/region/clusters/clust/"],
+            'Error: could not parse instance uri: "projects/proj/locations/region/clusters/clust/"',
+        ),
+        (
+            [],
+            (
+                "Error: missing instance uri (e.g., projects/$PROJECT/locations/$LOCATION/"
+                "clusters/$CLUSTER/instances/$INSTANCE)"
+            ),
+        ),
         ([URI, "--foo"], "Error: unknown flag: --foo"),
         ([URI, "--address", "bogus"], 'Error: not a valid IP address: "bogus"'),
-        ([URI, "--token", "t", "--credentials-file", "f"],
-         "Error: cannot specify --token and --credentials-file flags at the same time"),
-        ([URI, "--unix-socket", "/tmp", "--port", "6000"],
-         "Error: cannot specify --unix-socket and --port together"),
+        (
+            [URI, "--token", "t", "--credentials-file", "f"],
+            "Error: cannot specify --token and --credentials-file flags at the same time",
+        ),
+        (
+            [URI, "--unix-socket", "/tmp", "--port", "6000"],
+            "Error: cannot specify --unix-socket and --port together",
+        ),
         ([URI + "?port=abc"], 'Error: port query param is not a valid integer: "abc"'),
     ],
 )
@@ -55,8 +66,15 @@ def test_port_in_use_is_a_terminal_error(emulator):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = run_cli(URI, "--port", str(port), "--token", "tok-app",
-                       "--alloydbadmin-api-endpoint", emulator.admin_url)
+        proc = run_cli(
+            URI,
+            "--port",
+            str(port),
+            "--token",
+            "tok-app",
+            "--alloydbadmin-api-endpoint",
+            emulator.admin_url,
+        )
     assert proc.proc.returncode == 1
     assert proc.stderr[-1].endswith(
         "The proxy has encountered a terminal error: unable to start: "
@@ -66,17 +84,30 @@ def test_port_in_use_is_a_terminal_error(emulator):
 
 
 def test_no_credentials_found(tmp_path):
-    proc = run_cli(URI, "--port", "0", env={"HOME": str(tmp_path), "CLOUDSDK_CONFIG": str(tmp_path)})
+    proc = run_cli(
+        URI, "--port", "0", env={"HOME": str(tmp_path), "CLOUDSDK_CONFIG": str(tmp_path)}
+    )
     assert proc.proc.returncode == 1
-    assert any(line.endswith("Authorizing with Application Default Credentials") for line in proc.stdout)
+    assert any(
+        line.endswith("Authorizing with Application Default Credentials") for line in proc.stdout
+    )
     assert "could not find default credentials" in proc.stderr[-1]
     assert "The proxy has encountered a terminal error: unable to start" in proc.stderr[-1]
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signals_exit_codes(emulator, sig, code):
-    proc = ProxyProcess([URI, "--port", "0", "--token", "tok-app",
-                         "--alloydbadmin-api-endpoint", emulator.admin_url])
+    proc = ProxyProcess(
+        [
+            URI,
+            "--port",
+            "0",
+            "--token",
+            "tok-app",
+            "--alloydbadmin-api-endpoint",
+            emulator.admin_url,
+        ]
+    )
     proc.wait_ready()
     assert proc.stop(sig) == code
     assert f"{sig.name} signal received. Shutting down..." in proc.output

@@ -49,7 +49,12 @@ def test_python_drivers_through_the_proxy(start_proxy, port):
 
     async def with_asyncpg() -> str:
         conn = await asyncpg.connect(
-            host="127.0.0.1", port=port, user=DB_USER, password=DB_PASSWORD, database=DB_NAME, ssl=False
+            host="127.0.0.1",
+            port=port,
+            user=DB_USER,
+            password=DB_PASSWORD,
+            database=DB_NAME,
+            ssl=False,
         )
         try:
             return await conn.fetchval("SELECT current_database()")
@@ -64,15 +69,23 @@ def test_python_drivers_through_the_proxy(start_proxy, port):
 
 def test_auto_iam_login_without_password(start_proxy, emulator, port):
     start_proxy(URI, "--port", str(port), "--auto-iam-authn", token=TOKEN_IAM)
-    result = psql("SELECT current_user", host="127.0.0.1", port=port, user=IAM_DB_USER, password=None)
+    result = psql(
+        "SELECT current_user", host="127.0.0.1", port=port, user=IAM_DB_USER, password=None
+    )
     assert result.stdout.strip() == IAM_DB_USER
     assert emulator.mdx_requests[-1][1].auth_type == 2
 
 
 def test_auto_iam_wrong_user_is_refused(start_proxy, port):
     start_proxy(URI, "--port", str(port), "--auto-iam-authn", token=TOKEN_IAM)
-    result = psql("SELECT 1", host="127.0.0.1", port=port, user="someone-else@project-id.iam",
-                  password=None, check=False)
+    result = psql(
+        "SELECT 1",
+        host="127.0.0.1",
+        port=port,
+        user="someone-else@project-id.iam",
+        password=None,
+        check=False,
+    )
     assert result.returncode != 0
     assert "IAM authentication failed" in result.stderr
 
@@ -83,7 +96,9 @@ def test_three_instances_ports_and_overrides(start_proxy, emulator, port):
     emulator.add_instance(second)
     emulator.add_instance(third)
     fixed = port + 3
-    proxy = start_proxy(URI, f"{second}?port={fixed}", f"{third}?address=127.0.0.2", "--port", str(port))
+    proxy = start_proxy(
+        URI, f"{second}?port={fixed}", f"{third}?address=127.0.0.2", "--port", str(port)
+    )
     # ?port= does not consume a number from the counter.
     assert f"Listening on 127.0.0.1:{port}" in proxy.output
     assert f"Listening on 127.0.0.1:{fixed}" in proxy.output
@@ -113,17 +128,28 @@ def test_public_ip_and_missing_ip_type(start_proxy, emulator, port):
     assert bad.returncode != 0
     proxy.wait_for(
         r'failed to connect to instance: config error: instance does not have IP of type "PUBLIC" '
-        r'\(instance URI = "project-id\.us-central1\.clust\.private-only"\)', stream="stderr"
+        r'\(instance URI = "project-id\.us-central1\.clust\.private-only"\)',
+        stream="stderr",
     )
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs a private mount namespace (root) for /etc/hosts")
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs a private mount namespace (root) for /etc/hosts"
+)
 def test_psc_dns_name(start_proxy, emulator, port, tmp_path):
     """The PSC name resolves through a hosts file private to the proxy process."""
     hosts = tmp_path / "hosts"
     hosts.write_text("127.0.0.1 localhost\n" + "\n".join(emulator.hosts_entries()) + "\n")
-    prefix = ["unshare", "--mount", "--propagation", "private", "--",
-              "sh", "-c", f'mount --bind "{hosts}" /etc/hosts && exec "$0" "$@"']
+    prefix = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        f'mount --bind "{hosts}" /etc/hosts && exec "$0" "$@"',
+    ]
     start_proxy(f"{URI}?psc=true", "--port", str(port), prefix=prefix)
     assert psql("SELECT 'psc'", host="127.0.0.1", port=port).stdout.strip() == "psc"
 
@@ -159,8 +185,14 @@ def test_50_concurrent_clients_100_queries_each(start_proxy, port):
     start_proxy(URI, "--port", str(port))
 
     async def client(n: int) -> int:
-        conn = await asyncpg.connect(host="127.0.0.1", port=port, user=DB_USER,
-                                     password=DB_PASSWORD, database=DB_NAME, ssl=False)
+        conn = await asyncpg.connect(
+            host="127.0.0.1",
+            port=port,
+            user=DB_USER,
+            password=DB_PASSWORD,
+            database=DB_NAME,
+            ssl=False,
+        )
         try:
             total = 0
             for i in range(100):

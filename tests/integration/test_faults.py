@@ -27,7 +27,7 @@ def test_admin_api_403_closes_that_connection_only(start_proxy, emulator, port):
     bad = psql("SELECT 1", host="127.0.0.1", port=port + 1, check=False)
     assert bad.returncode != 0
     proxy.wait_for(
-        rf'\[{re.escape(OTHER_SHORT)}\] failed to connect to instance: refresh error: '
+        rf"\[{re.escape(OTHER_SHORT)}\] failed to connect to instance: refresh error: "
         rf'failed to get instance metadata \(instance URI = "{re.escape(OTHER_SHORT)}"\): '
         r"googleapi: Error 403: .*PERMISSION_DENIED",
         stream="stderr",
@@ -43,14 +43,21 @@ def test_admin_api_403_closes_that_connection_only(start_proxy, emulator, port):
 def test_admin_api_404_for_unknown_instance(start_proxy, port):
     proxy = start_proxy(OTHER, URI, "--port", str(port))  # OTHER does not exist
     assert psql("SELECT 1", host="127.0.0.1", port=port, check=False).returncode != 0
-    proxy.wait_for(rf"\[{re.escape(OTHER_SHORT)}\] failed to connect to instance: .*Error 404", stream="stderr")
+    proxy.wait_for(
+        rf"\[{re.escape(OTHER_SHORT)}\] failed to connect to instance: .*Error 404", stream="stderr"
+    )
     assert psql("SELECT 1", host="127.0.0.1", port=port + 1).stdout.strip() == "1"
 
 
 def test_admin_api_503_is_retried(start_proxy, emulator, port):
-    emulator.faults.set(admin_status=503, admin_status_count=2, admin_status_method="connectionInfo")
+    emulator.faults.set(
+        admin_status=503, admin_status_count=2, admin_status_method="connectionInfo"
+    )
     start_proxy(URI, "--port", str(port))
-    assert psql("SELECT 'after retries'", host="127.0.0.1", port=port).stdout.strip() == "after retries"
+    assert (
+        psql("SELECT 'after retries'", host="127.0.0.1", port=port).stdout.strip()
+        == "after retries"
+    )
     info_calls = [r for r in emulator.admin_requests if r.path.endswith("/connectionInfo")]
     assert len(info_calls) == 3
 
@@ -60,8 +67,10 @@ def test_metadata_exchange_error(start_proxy, emulator, port):
     inst.faults.set(mdx_error="instance is in maintenance")
     proxy = start_proxy(URI, "--port", str(port))
     assert psql("SELECT 1", host="127.0.0.1", port=port, check=False).returncode != 0
-    proxy.wait_for(rf"\[{re.escape(SHORT)}\] failed to connect to instance: instance is in maintenance",
-                   stream="stderr")
+    proxy.wait_for(
+        rf"\[{re.escape(SHORT)}\] failed to connect to instance: instance is in maintenance",
+        stream="stderr",
+    )
     inst.faults.clear()
     assert psql("SELECT 1", host="127.0.0.1", port=port).stdout.strip() == "1"
 
@@ -81,7 +90,7 @@ def test_bad_server_certificate_refused_before_any_byte(start_proxy, emulator, p
     proxy = start_proxy(URI, "--port", str(port))
     assert psql("SELECT 1", host="127.0.0.1", port=port, check=False).returncode != 0
     proxy.wait_for(
-        rf'\[{re.escape(SHORT)}\] failed to connect to instance: dial error: handshake failed '
+        rf"\[{re.escape(SHORT)}\] failed to connect to instance: dial error: handshake failed "
         rf'\(instance URI = "{re.escape(SHORT)}"\): .*{reason}',
         stream="stderr",
     )
@@ -100,14 +109,19 @@ def test_reset_mid_stream_aborts_one_connection(start_proxy, emulator, port):
         stream="stderr",
     )
     emulator.instances[URI].faults.clear()
-    assert psql("SELECT 'still serving'", host="127.0.0.1", port=port).stdout.strip() == "still serving"
+    assert (
+        psql("SELECT 'still serving'", host="127.0.0.1", port=port).stdout.strip()
+        == "still serving"
+    )
 
 
 def test_close_during_metadata_exchange(start_proxy, emulator, port):
     emulator.faults.set(close_during_mdx=True)
     proxy = start_proxy(URI, "--port", str(port))
     assert psql("SELECT 1", host="127.0.0.1", port=port, check=False).returncode != 0
-    proxy.wait_for(r"failed to connect to instance: connection closed by the instance", stream="stderr")
+    proxy.wait_for(
+        r"failed to connect to instance: connection closed by the instance", stream="stderr"
+    )
 
 
 def test_max_connections_refuses_by_close(start_proxy, port):
@@ -133,6 +147,8 @@ def test_two_minute_certificates_keep_working_across_refreshes(start_proxy, emul
             assert psql(f"SELECT {n}", host="127.0.0.1", port=port).stdout.strip() == str(n)
             n += 1
             time.sleep(5)
-    cert_calls = [r for r in emulator.admin_requests if r.path.endswith(":generateClientCertificate")]
+    cert_calls = [
+        r for r in emulator.admin_requests if r.path.endswith(":generateClientCertificate")
+    ]
     assert len(cert_calls) >= 4, len(cert_calls)
     assert "failed to connect" not in proxy.output

@@ -15,7 +15,12 @@ URI = "projects/proj/locations/region/clusters/clust/instances/inst"
 
 def test_uri_parts_and_short_name():
     uri = parse_instance_uri(URI)
-    assert (uri.project, uri.region, uri.cluster, uri.instance) == ("proj", "region", "clust", "inst")
+    assert (uri.project, uri.region, uri.cluster, uri.instance) == (
+        "proj",
+        "region",
+        "clust",
+        "inst",
+    )
     assert uri.short == "proj.region.clust.inst"
     assert uri.cluster_name == "projects/proj/locations/region/clusters/clust"
 
@@ -51,11 +56,23 @@ def test_query_params():
         ("port=x", 'port query param is not a valid integer: "x"'),
         ("psc=maybe", 'psc query param should be true or false, got: "maybe"'),
         ("psc=t&psc=f", 'psc param should be only one value: ["t" "f"]'),
-        ("address=1.2.3.4&unix-socket=/tmp", "cannot specify both address and unix-socket query params"),
+        (
+            "address=1.2.3.4&unix-socket=/tmp",
+            "cannot specify both address and unix-socket query params",
+        ),
         ("port=1&unix-socket=/tmp", "cannot specify both port and unix-socket query params"),
-        ("address=1.2.3.4&unix-socket-path=/tmp/x", "cannot specify both address and unix-socket-path query params"),
-        ("port=1&unix-socket-path=/tmp/x", "cannot specify both port and unix-socket-path query params"),
-        ("unix-socket=/a&unix-socket-path=/b", "cannot specify both unix-socket-path and unix-socket query params"),
+        (
+            "address=1.2.3.4&unix-socket-path=/tmp/x",
+            "cannot specify both address and unix-socket-path query params",
+        ),
+        (
+            "port=1&unix-socket-path=/tmp/x",
+            "cannot specify both port and unix-socket-path query params",
+        ),
+        (
+            "unix-socket=/a&unix-socket-path=/b",
+            "cannot specify both unix-socket-path and unix-socket query params",
+        ),
         ("port=%zz", 'could not parse query: "port=%zz"'),
     ],
 )
@@ -87,7 +104,9 @@ def test_ports_increment_and_explicit_port_does_not_consume():
 
 def test_unix_socket_layout():
     plan = plan_mounts(_config(URI, unix_socket="/tmp/s"))
-    assert plan[0][1] == UnixMount("/tmp/s/proj.region.clust.inst", "/tmp/s/proj.region.clust.inst/.s.PGSQL.5432")
+    assert plan[0][1] == UnixMount(
+        "/tmp/s/proj.region.clust.inst", "/tmp/s/proj.region.clust.inst/.s.PGSQL.5432"
+    )
     plan = plan_mounts(_config(URI + "?unix-socket-path=/tmp/x/.s.PGSQL.5432"))
     assert plan[0][1] == UnixMount("/tmp/x", "/tmp/x/.s.PGSQL.5432")
     # address or port on the instance forces TCP even with a global unix socket
