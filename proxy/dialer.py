@@ -161,10 +161,6 @@ class Dialer:
             raise MetadataExchangeError(response.error or "metadata exchange failed")
         self._log.debug("[%s] Metadata exchange finish (result = OK)", short)
 
-    async def warm_up(self, inst: InstanceConfig) -> None:
-        """Start fetching connection info early (used by the connection test)."""
-        await self._cache(inst.uri).connection_info()
-
     def close(self) -> None:
         self._closed = True
         for cache in self._caches.values():

@@ -16,7 +16,6 @@ import contextlib
 import errno
 import os
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy import _splice
@@ -67,9 +66,6 @@ class ProxyServer:
         self._splices: set[_splice.Splice] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.connection_count = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self.on_count_change: Callable[[int], None] | None = None
 
     # ---- listeners -------------------------------------------------------
 
@@ -245,24 +241,5 @@ class ProxyServer:
         splice.start(asyncio.get_running_loop())
 
     def _count(self, delta: int) -> None:
+        # Global across instances, counted from accept to close, like the Go proxy.
         self.connection_count += delta
-        if self.connection_count == 0:
-            self._idle.set()
-        else:
-            self._idle.clear()
-        if self.on_count_change is not None:
-            self.on_count_change(self.connection_count)
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no connection is open; False if time ran out first."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    def abort_all(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for splice in list(self._splices):
-            splice.abort()

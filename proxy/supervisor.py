@@ -50,16 +50,12 @@ class Supervisor:
         self._log = log
         self._stop = asyncio.Event()
         self._signal: signal.Signals | None = None
-        self.server: ProxyServer | None = None
 
     def _on_signal(self, sig: signal.Signals) -> None:
         # Only the first signal counts; the Go proxy swallows later ones too.
         if self._signal is None:
             self._signal = sig
             self._stop.set()
-
-    def request_stop(self) -> None:
-        self._stop.set()
 
     async def run(self) -> Outcome:
         loop = asyncio.get_running_loop()
@@ -130,5 +126,4 @@ class Supervisor:
             dialer.close()
             client.close()
             raise
-        self.server = server
         return server, dialer, client

@@ -208,3 +208,17 @@ def test_50_concurrent_clients_100_queries_each(start_proxy, port):
     errors = [r for r in results if isinstance(r, BaseException)]
     assert errors == []
     assert results == [100 * n + sum(range(100)) for n in range(50)]
+
+
+def test_lazy_refresh_fetches_once_and_sends_the_token_every_time(start_proxy, emulator, port):
+    proxy = start_proxy(URI, "--port", str(port), "--lazy-refresh", "--debug-logs")
+    for n in range(3):
+        assert psql(f"SELECT {n}", host="127.0.0.1", port=port).stdout.strip() == str(n)
+    cert_calls = [
+        r for r in emulator.admin_requests if r.path.endswith(":generateClientCertificate")
+    ]
+    assert len(cert_calls) == 1  # the cached certificate serves later connections
+    assert [r.oauth2_token for _, r in emulator.mdx_requests] == ["tok-app"] * 3
+    assert "Connection info cache = lazy" in proxy.output
+    assert "using cached info (type = lazy)" in proxy.output
+    assert "tok-app" not in proxy.output  # debug logs show token size and expiry, never the token
