@@ -23,7 +23,7 @@ from proxy import mdx
 from proxy.emulator.adminapi import AdminAPIServer, AdminRequest
 from proxy.emulator.faults import Faults
 from proxy.emulator.instance import PORT, Instance, InstanceServer
-from proxy.emulator.pki import ClusterCA
+from proxy.emulator.pki import ClusterCA, key_pem, pem
 
 T = TypeVar("T")
 
@@ -97,7 +97,11 @@ class Emulator:
 
     # ---- set-up ---------------------------------------------------------
 
-    def add_instance(self, uri: str, *, public_ip: bool = False, psc: bool = False) -> Instance:
+    def add_instance(
+        self, uri: str, *, public_ip: bool = False, psc: bool = False, serve: bool = True
+    ) -> Instance:
+        """Register an instance; ``serve=False`` leaves its port 5433 to another server
+        (e.g. a benchmark's), which can use ``server_identity(inst)`` and ``inst.ca.root_pem``."""
         match = _URI.match(uri)
         if match is None:
             raise ValueError(f"not an instance URI: {uri!r}")
@@ -113,10 +117,17 @@ class Emulator:
             inst.psc_dns_name = (
                 f"{inst.uid[:12]}.{_dns_label(parts[1])}.{_dns_label(parts[3])}.alloydb.goog"
             )
+        inst.serve = serve
         self.instances[uri] = inst
-        if self._loop is not None:
+        if serve and self._loop is not None:
             self._call(self._serve_instance(inst))
         return inst
+
+    def server_identity(self, inst: Instance) -> tuple[str, bytes]:
+        """A server certificate chain (PEM) and key (PKCS#8 PEM) valid for the instance."""
+        dns = [inst.psc_dns_name] if inst.psc_dns_name else []
+        cert, key = inst.ca.server_certificate(inst.ips, dns, inst.uid)
+        return pem(cert) + inst.ca.root_pem, key_pem(key)
 
     def hosts_entries(self) -> list[str]:
         """/etc/hosts lines that make the PSC names resolve to their loopback IPs."""
@@ -161,7 +172,8 @@ class Emulator:
     async def _start_async(self) -> None:
         await self._admin.start(self.admin_host, self.admin_port)
         for inst in list(self.instances.values()):
-            await self._serve_instance(inst)
+            if inst.serve:
+                await self._serve_instance(inst)
 
     async def _serve_instance(self, inst: Instance) -> None:
         if self._foreign_ca is None:

@@ -62,6 +62,7 @@ class Instance:
     psc_dns_name: str = ""
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
     faults: Faults = field(default_factory=Faults)
+    serve: bool = True  # False: another server answers on port 5433
 
     @property
     def ips(self) -> list[str]:
