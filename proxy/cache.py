@@ -66,6 +66,16 @@ class ConnectionInfo:
         return (time.time() if now is None else now) < self.expiry
 
 
+ROLES_HINT = (
+    "hint: the IAM principal needs the roles roles/alloydb.client and "
+    "roles/serviceusage.serviceUsageConsumer on the instance's project"
+)
+
+
+def _with_hint(exc: AdminAPIError) -> str:
+    return f"{exc}; {ROLES_HINT}" if exc.status == 403 else str(exc)
+
+
 async def fetch_connection_info(
     client: AdminAPIClient, uri: InstanceURI, keys: KeyPair
 ) -> ConnectionInfo:
@@ -77,13 +87,21 @@ async def fetch_connection_info(
     except AdminAPIError as exc:
         cert_call.cancel()
         raise RefreshError(
-            "failed to get instance metadata", uri.short, exc, status=exc.status, reason=exc.reason
+            "failed to get instance metadata",
+            uri.short,
+            _with_hint(exc),
+            status=exc.status,
+            reason=exc.reason,
         ) from exc
     try:
         cert = await cert_call
     except AdminAPIError as exc:
         raise RefreshError(
-            "create ephemeral cert failed", uri.short, exc, status=exc.status, reason=exc.reason
+            "create ephemeral cert failed",
+            uri.short,
+            _with_hint(exc),
+            status=exc.status,
+            reason=exc.reason,
         ) from exc
     if not addresses.as_map():
         raise ConfigError(

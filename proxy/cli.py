@@ -231,8 +231,6 @@ def build_config(
         raise BadCommandError("cannot specify --unix-socket and --address together")
     if opts["unix_socket"] and "port" in set_options:
         raise BadCommandError("cannot specify --unix-socket and --port together")
-    if opts["gcloud_auth"]:
-        raise BadCommandError("--gcloud-auth is not supported yet by this proxy")
 
     endpoint = opts["alloydbadmin_api_endpoint"]
     if "alloydbadmin_api_endpoint" in set_options:

@@ -7,10 +7,14 @@ Two tokens are in play, as in the Go proxy:
     AUTO_IAM, to log the database user in.
 A static ``--token``, gcloud or an impersonated account serve both.
 
-Credential files are parsed by type and built with google-auth's type-specific
-constructors, never with the generic loaders, because those look up a project
-ID over the network at load time. google-auth's blocking refreshes run in a
-thread so the event loop never waits on them.
+Sources, in the Go proxy's order: ``--token``, ``--credentials-file``,
+``--json-credentials``, ``--gcloud-auth``, then Application Default
+Credentials: ``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's ADC file, the
+Compute Engine metadata server. ADC is walked here step by step rather than
+through ``google.auth.default()``, which looks up project IDs over the
+network and ignores the ``token_uri`` of user credentials. Credential files
+are built with google-auth's type-specific constructors. Blocking refreshes
+run in a worker thread; no token ever reaches a log or an error message.
 """
 
 from __future__ import annotations
@@ -18,16 +22,19 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import logging
 import os
+import subprocess
 import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from proxy.errors import StartupError
+from proxy.errors import CredentialsError, StartupError
 from proxy.log import get_logger
 
 CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 LOGIN_SCOPE = "https://www.googleapis.com/auth/alloydb.login"
+GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
 
 #: Refresh a token this long before it expires, so no connection ever sends a
 #: token that dies in flight.
@@ -37,6 +44,18 @@ ADC_HELP = (
     "credentials: could not find default credentials. See "
     "https://cloud.google.com/docs/authentication/external/set-up-adc for more information"
 )
+IMDSV2_HINT = (
+    'the AWS instance metadata service requires IMDSv2 session tokens: add "imdsv2_session_token_url": '
+    '"http://169.254.169.254/latest/api/token" to credential_source in the credentials file'
+)
+
+# google-auth warns through the logging module (e.g. "Authentication failed
+# using Compute Engine ..."); we report failures ourselves, in our format.
+logging.getLogger("google.auth").setLevel(logging.ERROR)
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
 @dataclass(frozen=True)
@@ -64,34 +83,109 @@ class StaticTokenSource:
         return self._token
 
 
-class GoogleAuthTokenSource:
-    """Wraps a google-auth ``Credentials`` object; refreshes ahead of expiry."""
+class _RefreshingTokenSource:
+    """Caches a token and refreshes it in a worker thread when it nears expiry."""
 
-    def __init__(self, creds: Any) -> None:
-        self._creds = creds
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
         self._lock = threading.Lock()
+        self._cached: Token | None = None
 
-    def _fresh_token(self) -> Token:
-        from google.auth.transport.requests import Request
+    def _fetch(self) -> Token:
+        raise NotImplementedError
 
+    def _fresh(self) -> Token:
         with self._lock:
-            creds = self._creds
-            expiry = getattr(creds, "expiry", None)
-            stale = (
-                not creds.token
-                or expiry is None
-                and not creds.valid
-                or expiry is not None
-                and expiry - REFRESH_MARGIN <= dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-            )
-            if stale:
-                # refresh() rather than before_request(): the latter starts a
-                # background lookup against a fixed Google host.
-                creds.refresh(Request())
-            return Token(creds.token, getattr(creds, "expiry", None))
+            cached = self._cached
+            if cached is None or (
+                cached.expiry is not None and cached.expiry - REFRESH_MARGIN <= _utcnow()
+            ):
+                self._cached = cached = self._fetch()
+            return cached
+
+    def prime(self) -> Token:
+        """Fetch once now (blocking), to fail fast at start-up."""
+        return self._fresh()
 
     async def token(self) -> Token:
-        return await asyncio.get_running_loop().run_in_executor(None, self._fresh_token)
+        return await asyncio.get_running_loop().run_in_executor(None, self._fresh)
+
+
+class GoogleAuthTokenSource(_RefreshingTokenSource):
+    """Wraps a google-auth ``Credentials`` object."""
+
+    def __init__(self, creds: Any, origin: str, info: dict[str, Any] | None = None) -> None:
+        super().__init__(origin)
+        self._creds = creds
+        self._info = info or {}
+
+    def _fetch(self) -> Token:
+        from google.auth import exceptions
+        from google.auth.transport.requests import Request
+
+        try:
+            # refresh() rather than before_request(): the latter also starts
+            # a background lookup against a fixed Google host.
+            self._creds.refresh(Request())
+        except (exceptions.GoogleAuthError, OSError, ValueError) as exc:
+            raise CredentialsError(self._explain(exc)) from None
+        return Token(self._creds.token, getattr(self._creds, "expiry", None))
+
+    def _explain(self, exc: Exception) -> str:
+        """The failure, the URL it concerns when we can tell, and a hint where one helps."""
+        text = str(exc)
+        message = f"failed to get an OAuth2 token ({self.origin}): {text}"
+        source = self._info.get("credential_source") or {}
+        lowered = text.lower()
+        url = ""
+        if "region" in lowered:
+            url = source.get("region_url", "")
+        elif "security credentials" in lowered or "role" in lowered:
+            url = source.get("url", "")
+        elif "sts" in lowered or "token exchange" in lowered or "invalid_grant" in lowered:
+            url = self._info.get("token_url", "")
+        elif "impersonat" in lowered or "generateaccesstoken" in lowered:
+            url = self._info.get("service_account_impersonation_url", "")
+        if url:
+            message += f" (request to {url})"
+        if (
+            str(source.get("environment_id", "")).startswith("aws")
+            and not source.get("imdsv2_session_token_url")
+            and ("401" in text or "unauthorized" in lowered)
+        ):
+            message += f"; hint: {IMDSV2_HINT}"
+        return message
+
+
+class GcloudTokenSource(_RefreshingTokenSource):
+    """gcloud's logged-in user, through ``gcloud config config-helper`` as the Go proxy does."""
+
+    command = ["gcloud", "--format", "json", "config", "config-helper", "--min-expiry", "1h"]
+
+    def __init__(self) -> None:
+        super().__init__("gcloud user credentials")
+
+    def _fetch(self) -> Token:
+        try:
+            result = subprocess.run(
+                self.command, capture_output=True, text=True, check=False, timeout=60
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise CredentialsError(f"error reading config: {exc}; stderr was:\n") from None
+        if result.returncode != 0:
+            raise CredentialsError(
+                f"error reading config: exit status {result.returncode}; stderr was:\n{result.stderr}"
+            )
+        try:
+            credential = json.loads(result.stdout)["credential"]
+            expiry = dt.datetime.fromisoformat(credential["token_expiry"].replace("Z", "+00:00"))
+            return Token(
+                credential["access_token"], expiry.astimezone(dt.timezone.utc).replace(tzinfo=None)
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CredentialsError(
+                f"error reading config: unexpected gcloud output: {exc}"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -111,7 +205,16 @@ def _from_info(info: dict[str, Any], scopes: list[str]) -> Any:
     if kind == "authorized_user":
         from google.oauth2 import credentials as user_credentials
 
-        return user_credentials.Credentials.from_authorized_user_info(info, scopes=scopes)
+        # Built by hand: from_authorized_user_info() ignores the file's token_uri.
+        return user_credentials.Credentials(
+            None,
+            refresh_token=info["refresh_token"],
+            token_uri=info.get("token_uri") or GOOGLE_TOKEN_URI,
+            client_id=info["client_id"],
+            client_secret=info["client_secret"],
+            scopes=scopes,
+            quota_project_id=info.get("quota_project_id"),
+        )
     if kind == "external_account":
         source = info.get("credential_source") or {}
         if info.get("subject_token_type") == "urn:ietf:params:aws:token-type:aws4_request" or (
@@ -154,20 +257,68 @@ def _load_json(text: str, origin: str) -> dict[str, Any]:
     return info
 
 
-def _impersonate(base: Any, chain: str, scopes: list[str]) -> Any:
-    """The first account is the target; the rest are delegates in reverse order."""
-    from google.auth import impersonated_credentials
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(os.path.abspath(path), encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise StartupError(
+            f"error initializing dialer: config error: open {path}: {reason}"
+        ) from None
+    return _load_json(text, path)
 
+
+def parse_impersonation_chain(chain: str) -> tuple[str, list[str]]:
+    """The first account is the target; the rest are delegates, in reverse order."""
     accounts = [a.strip() for a in chain.split(",") if a.strip()]
     target, rest = accounts[0], accounts[1:]
-    delegates = [f"projects/-/serviceAccounts/{d}" for d in reversed(rest)]
+    return target, [f"projects/-/serviceAccounts/{d}" for d in reversed(rest)]
+
+
+def _impersonate(base: Any, chain: str) -> Any:
+    from google.auth import impersonated_credentials
+
+    target, delegates = parse_impersonation_chain(chain)
     return impersonated_credentials.Credentials(
         source_credentials=base,
         target_principal=target,
         delegates=delegates,
-        target_scopes=scopes,
+        target_scopes=[CLOUD_PLATFORM_SCOPE],
         lifetime=3600,
     )
+
+
+def _built(
+    info: dict[str, Any], origin: str
+) -> tuple[GoogleAuthTokenSource, GoogleAuthTokenSource, Any]:
+    try:
+        api = _from_info(info, [CLOUD_PLATFORM_SCOPE])
+        login = _from_info(info, [LOGIN_SCOPE])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StartupError(f"error initializing dialer: config error: {origin}: {exc}") from None
+    return GoogleAuthTokenSource(api, origin, info), GoogleAuthTokenSource(login, origin, info), api
+
+
+def _application_default() -> tuple[GoogleAuthTokenSource, GoogleAuthTokenSource, Any]:
+    path = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if path:
+        return _built(_read_file(path), path)
+    from google.auth import _cloud_sdk
+
+    well_known = _cloud_sdk.get_application_default_credentials_path()
+    if os.path.isfile(well_known):
+        return _built(_read_file(well_known), well_known)
+    from google.auth import compute_engine
+    from google.auth.compute_engine import _metadata
+    from google.auth.transport.requests import Request
+
+    if _metadata.is_on_gce(Request()):
+        api = compute_engine.Credentials(scopes=[CLOUD_PLATFORM_SCOPE])
+        login = compute_engine.Credentials(scopes=[LOGIN_SCOPE])
+        origin = "the Compute Engine metadata server"
+        return GoogleAuthTokenSource(api, origin), GoogleAuthTokenSource(login, origin), api
+    raise StartupError(f"error initializing dialer: {ADC_HELP}")
 
 
 def resolve(
@@ -175,74 +326,66 @@ def resolve(
     token: str = "",
     credentials_file: str = "",
     json_credentials: str = "",
+    gcloud_auth: bool = False,
     impersonate: str = "",
     login_token: str = "",
+    auto_iam: bool = False,
 ) -> CredentialSet:
     """Pick the credential source in the Go proxy's order and log which one."""
     log = get_logger()
     verb = "Impersonating service account with" if impersonate else "Authorizing with"
-
-    def build(info_or_none: dict[str, Any] | None) -> tuple[Any, Any]:
-        if info_or_none is None:
-            import google.auth
-            from google.auth.exceptions import DefaultCredentialsError
-
-            try:
-                api, _ = google.auth.default(scopes=[CLOUD_PLATFORM_SCOPE])
-                login, _ = google.auth.default(scopes=[LOGIN_SCOPE])
-            except DefaultCredentialsError:
-                raise StartupError(f"error initializing dialer: {ADC_HELP}") from None
-            return api, login
-        try:
-            return (
-                _from_info(info_or_none, [CLOUD_PLATFORM_SCOPE]),
-                _from_info(info_or_none, [LOGIN_SCOPE]),
-            )
-        except (ValueError, KeyError) as exc:
-            raise StartupError(f"error initializing dialer: config error: {exc}") from None
-
+    api: TokenSource
+    login: TokenSource
+    base: Any = None
     if token:
-        log.info("%s OAuth2 token", verb)
-        from google.oauth2 import credentials as user_credentials
-
+        description = f"{verb} OAuth2 token"
+        log.info(description)
+        api = login = StaticTokenSource(token)
         if impersonate:
+            from google.oauth2 import credentials as user_credentials
+
             base = user_credentials.Credentials(token=token)
-            api_src: TokenSource = GoogleAuthTokenSource(
-                _impersonate(base, impersonate, [CLOUD_PLATFORM_SCOPE])
-            )
-            return CredentialSet(api_src, api_src, f"{verb} OAuth2 token")
-        static = StaticTokenSource(token)
-        login_src: TokenSource = StaticTokenSource(login_token) if login_token else static
-        return CredentialSet(static, login_src, f"{verb} OAuth2 token")
-
-    if credentials_file:
-        log.info('%s the credentials file at "%s"', verb, credentials_file)
-        path = os.path.abspath(credentials_file)
-        try:
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
-        except OSError as exc:
-            raise StartupError(
-                f"error initializing dialer: config error: open {credentials_file}: "
-                f"{exc.strerror.lower() if exc.strerror else exc}"
-            ) from None
-        api, login = build(_load_json(text, credentials_file))
+    elif credentials_file:
         description = f'{verb} the credentials file at "{credentials_file}"'
+        log.info(description)
+        api, login, base = _built(_read_file(credentials_file), credentials_file)
     elif json_credentials:
-        log.info("%s JSON credentials environment variable", verb)
-        api, login = build(_load_json(json_credentials, "--json-credentials"))
         description = f"{verb} JSON credentials environment variable"
-    else:
-        log.info("%s Application Default Credentials", verb)
-        api, login = build(None)
-        description = f"{verb} Application Default Credentials"
-
-    if impersonate:
-        imp = GoogleAuthTokenSource(_impersonate(api, impersonate, [CLOUD_PLATFORM_SCOPE]))
-        return CredentialSet(
-            imp, StaticTokenSource(login_token) if login_token else imp, description
+        log.info(description)
+        api, login, base = _built(
+            _load_json(json_credentials, "--json-credentials"), "--json-credentials"
         )
-    login_source: TokenSource = (
-        StaticTokenSource(login_token) if login_token else GoogleAuthTokenSource(login)
-    )
-    return CredentialSet(GoogleAuthTokenSource(api), login_source, description)
+    elif gcloud_auth:
+        description = f"{verb} gcloud user credentials"
+        log.info(description)
+        gcloud = GcloudTokenSource()
+        try:
+            gcloud.prime()
+        except CredentialsError as exc:
+            raise StartupError(f"error initializing dialer: {exc}") from None
+        api = login = gcloud
+        if impersonate:
+            from google.oauth2 import credentials as user_credentials
+
+            first = gcloud.prime()
+            base = user_credentials.Credentials(token=first.value, expiry=first.expiry)
+    else:
+        description = f"{verb} Application Default Credentials"
+        log.info(description)
+        api, login, base = _application_default()
+
+    reused = False
+    if impersonate:
+        api = GoogleAuthTokenSource(_impersonate(base, impersonate), f"impersonating {impersonate}")
+        login, reused = api, True
+    elif token or gcloud_auth:
+        reused = True
+    if login_token:
+        login = StaticTokenSource(login_token)
+        if auto_iam:
+            log.info("Authenticating IAM database logins with the login token")
+    elif auto_iam and reused:
+        log.info(
+            "Note: reusing the configured API credential for IAM database authentication login"
+        )
+    return CredentialSet(api, login, description)

@@ -72,6 +72,10 @@ class DialError(_InstanceError):
     prefix = "dial error"
 
 
+class CredentialsError(ProxyError):
+    """No token could be had from the configured source (never contains a secret)."""
+
+
 class MetadataExchangeError(ProxyError):
     """The server refused the metadata exchange; the text is the server's own, verbatim."""
 

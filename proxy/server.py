@@ -18,7 +18,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from proxy import _splice
+from proxy import _splice, pgstartup, tlsconn
 from proxy.config import Config, InstanceConfig, TCPMount, UnixMount, plan_mounts
 from proxy.dialer import Dialer, set_tcp_options
 from proxy.errors import StartupError
@@ -209,10 +209,32 @@ class ProxyServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _dial(self, inst: InstanceConfig, client: socket.socket) -> _splice.TLSConnection:
+        if not self._cfg.auto_iam_for(inst):
+            return await self._dialer.dial(inst)
+        # Read the client's startup message while the dial runs (see pgstartup).
+        dial = asyncio.ensure_future(self._dialer.dial(inst))
+        try:
+            startup = await pgstartup.read_startup(client)
+        except BaseException:
+            dial.cancel()
+            await asyncio.gather(dial, return_exceptions=True)
+            raise
+        hint = pgstartup.iam_user_hint(pgstartup.startup_user(startup))
+        if hint:
+            self._log.error("[%s] %s", inst.uri.short, hint)
+        conn = await dial
+        try:
+            await tlsconn.send_all(conn, startup, timeout=DIAL_TIMEOUT)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
     async def _connect(self, inst: InstanceConfig, client: socket.socket) -> None:
         short = inst.uri.short
         try:
-            conn = await asyncio.wait_for(self._dialer.dial(inst), DIAL_TIMEOUT)
+            conn = await asyncio.wait_for(self._dial(inst, client), DIAL_TIMEOUT)
         except BaseException as exc:
             client.close()
             self._count(-1)

@@ -110,8 +110,10 @@ class Supervisor:
                     token=cfg.token,
                     credentials_file=cfg.credentials_file,
                     json_credentials=cfg.json_credentials,
+                    gcloud_auth=cfg.gcloud_auth,
                     impersonate=cfg.impersonate_service_account,
                     login_token=cfg.login_token,
+                    auto_iam=any(cfg.auto_iam_for(i) for i in cfg.instances),
                 ),
             )
         except ProxyError as exc:
