@@ -84,15 +84,19 @@ async def fetch_connection_info(
     cert_call = asyncio.ensure_future(client.client_certificate(uri, keys.public_pem))
     try:
         addresses = await addresses_call
-    except AdminAPIError as exc:
+    except BaseException as exc:
+        # Whatever failed, the sibling call must not outlive us unobserved.
         cert_call.cancel()
-        raise RefreshError(
-            "failed to get instance metadata",
-            uri.short,
-            _with_hint(exc),
-            status=exc.status,
-            reason=exc.reason,
-        ) from exc
+        await asyncio.gather(cert_call, return_exceptions=True)
+        if isinstance(exc, AdminAPIError):
+            raise RefreshError(
+                "failed to get instance metadata",
+                uri.short,
+                _with_hint(exc),
+                status=exc.status,
+                reason=exc.reason,
+            ) from exc
+        raise
     try:
         cert = await cert_call
     except AdminAPIError as exc:

@@ -129,6 +129,8 @@ class GoogleAuthTokenSource(_RefreshingTokenSource):
             self._creds.refresh(Request())
         except (exceptions.GoogleAuthError, OSError, ValueError) as exc:
             raise CredentialsError(self._explain(exc)) from None
+        except Exception as exc:  # a credential library's own bug: still one clear error
+            raise CredentialsError(self._explain(exc)) from None
         return Token(self._creds.token, getattr(self._creds, "expiry", None))
 
     def _explain(self, exc: Exception) -> str:
