@@ -131,7 +131,8 @@ class IdentityFakes:
                 None,
             )
         if url.path.endswith(":generateAccessToken") and method == "POST":  # IAM Credentials
-            if headers.get("Authorization") != f"Bearer {STS_TOKEN}":
+            source = headers.get("Authorization", "")
+            if source != f"Bearer {STS_TOKEN}" and not source.startswith("Bearer base-"):
                 return 401, {"error": {"code": 401, "message": "bad source token"}}, None
             scopes = json.loads(body).get("scope") or []
             token = self._token("imp", " ".join(scopes))
@@ -223,3 +224,75 @@ def aws_external_account_info(base: str, target: str, *, imdsv2: bool = True) ->
         "service_account_impersonation_url": f"{base}/v1/projects/-/serviceAccounts/{target}:generateAccessToken",
         "credential_source": source,
     }
+
+
+class ConnectProxy:
+    """An HTTPS proxy on loopback that never connects anywhere: it answers CONNECT for
+    ``host`` itself, terminates TLS with a certificate from a test CA and serves the
+    requests from ``fakes``. Used where a client library has a fixed Google host."""
+
+    def __init__(
+        self, fakes: IdentityFakes, host: str, ca_file: str, cert_file: str, key_file: str
+    ):
+        import socket
+        import ssl
+
+        self.fakes = fakes
+        self.host = host
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert_file, key_file)
+        self.ca_file = ca_file
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.refused: list[str] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _read_head(stream) -> tuple[str, dict[str, str]] | None:
+        line = stream.readline()
+        if not line:
+            return None
+        headers = {}
+        while (h := stream.readline()) not in (b"\r\n", b"\n", b""):
+            name, _, value = h.decode("latin-1").partition(":")
+            headers[name.strip().title()] = value.strip()
+        return line.decode("latin-1").strip(), headers
+
+    def _serve(self, conn) -> None:
+        with conn:
+            head = self._read_head(conn.makefile("rb"))
+            if head is None:
+                return
+            request_line, _ = head
+            method, target, _ = request_line.split(" ", 2)
+            if method != "CONNECT" or target.split(":")[0] != self.host:
+                self.refused.append(request_line)
+                conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+                return
+            conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                stream = tls.makefile("rb")
+                while (head := self._read_head(stream)) is not None:
+                    request_line, headers = head
+                    method, path, _ = request_line.split(" ", 2)
+                    length = int(headers.get("Content-Length") or 0)
+                    body = stream.read(length).decode() if length else ""
+                    self.fakes.log.append((method, path, headers, body))
+                    status, payload, _ = self.fakes.route(method, path, headers, body)
+                    data = json.dumps(payload).encode()
+                    tls.sendall(
+                        f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(data)}\r\n\r\n".encode()
+                        + data
+                    )
+
+    def close(self) -> None:
+        self.sock.close()

@@ -14,7 +14,7 @@ from proxy.credentials import parse_impersonation_chain
 from proxy.emulator import Emulator, Principal
 
 from .conftest import DB_NAME, IAM_DB_USER, SA_EMAIL, URI, psql
-from .fakes import IdentityFakes, aws_external_account_info, service_account_info
+from .fakes import ConnectProxy, IdentityFakes, aws_external_account_info, service_account_info
 from .proxyproc import ProxyProcess, free_port_block
 
 PEOPLE = {
@@ -359,3 +359,56 @@ def test_impersonation_chain_order():
     target, delegates = parse_impersonation_chain("sa1@p.iam.gserviceaccount.com, sa2@p, sa3@p")
     assert target == "sa1@p.iam.gserviceaccount.com"
     assert delegates == ["projects/-/serviceAccounts/sa3@p", "projects/-/serviceAccounts/sa2@p"]
+
+
+def test_impersonation_flag_with_delegates(run_proxy, cred_emulator, fakes, tmp_path):
+    """--impersonate-service-account: the IAM Credentials host is fixed in google-auth,
+    so a loopback HTTPS proxy stands in for it (nothing leaves this machine)."""
+    from proxy.emulator.pki import ClusterCA, key_pem, pem
+
+    ca = ClusterCA("projects/test/locations/x/clusters/iam-fake")
+    cert, key = ca.server_certificate([], ["iamcredentials.googleapis.com"], "iam")
+    files = {name: tmp_path / name for name in ("ca.pem", "cert.pem", "key.pem")}
+    files["ca.pem"].write_text(ca.root_pem)
+    files["cert.pem"].write_text(pem(cert))
+    files["key.pem"].write_bytes(key_pem(key))
+    https_proxy = ConnectProxy(fakes, "iamcredentials.googleapis.com", *map(str, files.values()))
+    delegate = "delegate@project-id.iam.gserviceaccount.com"
+    try:
+        proxy = run_proxy(
+            "--token",
+            "base-token",
+            "--impersonate-service-account",
+            f"{SA_EMAIL},{delegate}",
+            "--auto-iam-authn",
+            env={
+                "HTTPS_PROXY": https_proxy.url,
+                "NO_PROXY": "127.0.0.1,localhost",
+                "REQUESTS_CA_BUNDLE": str(files["ca.pem"]),
+            },
+        )
+        assert "Impersonating service account with OAuth2 token" in proxy.output
+        assert (
+            "Note: reusing the configured API credential for IAM database authentication login"
+            in proxy.output
+        )
+        result = psql(
+            "SELECT current_user",
+            host="127.0.0.1",
+            port=proxy.port,
+            user=IAM_DB_USER,
+            password=None,
+            dbname=DB_NAME,
+        )
+        assert result.stdout.strip() == IAM_DB_USER
+    finally:
+        https_proxy.close()
+    api, mdx = tokens_seen(cred_emulator)
+    assert api[0].startswith("imp|cloud-platform|") and mdx == [api[0]]
+    calls = [
+        (path, body) for method, path, _, body in fakes.log if path.endswith(":generateAccessToken")
+    ]
+    assert calls[0][0] == f"/v1/projects/-/serviceAccounts/{SA_EMAIL}:generateAccessToken"
+    assert json.loads(calls[0][1])["delegates"] == [f"projects/-/serviceAccounts/{delegate}"]
+    assert https_proxy.refused == []
+    assert_no_secret_logged(proxy, fakes)
