@@ -11,7 +11,9 @@ No network access happens here: the supervisor does that.
 from __future__ import annotations
 
 import ipaddress
+import os
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import click
@@ -20,6 +22,7 @@ from proxy import GO_PROXY_VERSION, __version__
 from proxy.config import DEFAULT_API_ENDPOINT, Config, parse_instance_arg
 from proxy.errors import BadCommandError
 from proxy.log import configure
+from proxy.settings import load_config_file, overlay, parse_go_bool
 
 PROG = "alloydb-auth-proxy"
 SHORT_HELP = "alloydb-auth-proxy provides a secure way to authorize connections to AlloyDB."
@@ -162,6 +165,11 @@ class _CobraStyleCommand(click.Command):
 @click.option("--debug-logs", is_flag=True, help="Enable debug logging.")
 @click.option("--quiet", is_flag=True, help="Log error messages only.")
 @click.option(
+    "--config-file",
+    default="",
+    help="Path to a TOML, YAML or JSON file containing configuration options.",
+)
+@click.option(
     "-v",
     "--version",
     is_flag=True,
@@ -172,16 +180,52 @@ class _CobraStyleCommand(click.Command):
 )
 @click.pass_context
 def root(ctx: click.Context, /, instances: tuple[str, ...], **opts: Any) -> None:
-    set_options = frozenset(
+    cli_set = {
         name
         for name in opts
         if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
-    )
+    }
     try:
-        cfg = build_config(instances, opts, set_options)
+        file_values = load_config_file(opts["config_file"]) if opts["config_file"] else {}
+        extra = overlay(
+            _unset_option_converters(ctx, cli_set),
+            environ=os.environ,
+            file_values=file_values,
+            file_path=opts["config_file"],
+        )
+        opts.update({name.replace("-", "_"): value for name, value in extra.values.items()})
+        set_options = frozenset(cli_set | {n.replace("-", "_") for n in extra.values})
+        cfg = build_config(instances or tuple(extra.instances), opts, set_options)
     except BadCommandError as exc:
         fail(str(exc))
-    sys.exit(run(cfg))
+    sys.exit(run(cfg, extra.warnings))
+
+
+def _unset_option_converters(
+    ctx: click.Context, cli_set: set[str]
+) -> dict[str, Callable[[str], Any]]:
+    """For each option not given on the command line: how to read it from a string."""
+
+    def converter(param: click.Option) -> Callable[[str], Any]:
+        if param.is_flag:
+            return parse_go_bool
+
+        def convert(raw: str) -> Any:
+            try:
+                return param.type.convert(raw, param, ctx)
+            except click.BadParameter as exc:
+                raise ValueError(exc.format_message()) from None
+
+        return convert
+
+    return {
+        param.name.replace("_", "-"): converter(param)
+        for param in root.params
+        if isinstance(param, click.Option)
+        and param.name
+        and param.name not in cli_set
+        and param.name not in ("version", "config_file", "help")
+    }
 
 
 def build_config(
@@ -260,9 +304,11 @@ def build_config(
     )
 
 
-def run(cfg: Config) -> int:
+def run(cfg: Config, warnings: list[str] | tuple[str, ...] = ()) -> int:
     """Run the proxy until it stops; returns the process exit code."""
     log = configure(structured=cfg.structured_logs, quiet=cfg.quiet, debug=cfg.debug_logs)
+    for warning in warnings:
+        log.error(warning)
     if "alloydbadmin_api_endpoint" in cfg.set_options:
         log.info("Using API Endpoint %s", cfg.api_endpoint)
     if cfg.login_token and not any(cfg.auto_iam_for(i) for i in cfg.instances):
