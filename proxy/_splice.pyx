@@ -666,8 +666,9 @@ cdef class Splice:
             # not turn into a RST that could discard bytes the client has not
             # read yet.
             shutdown(self.client_fd, SHUT_WR)
-            while read(self.client_fd, scratch, sizeof(scratch)) > 0:
-                pass
+            for _ in range(16):  # bounded: a client that keeps sending gets the RST
+                if read(self.client_fd, scratch, sizeof(scratch)) <= 0:
+                    break
         close(self.client_fd)
         self.conn._close()
         on_done, self.on_done = self.on_done, None
