@@ -14,7 +14,7 @@ import ipaddress
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -22,7 +22,7 @@ from proxy import GO_PROXY_VERSION, __version__
 from proxy.config import DEFAULT_API_ENDPOINT, Config, parse_instance_arg
 from proxy.errors import BadCommandError
 from proxy.log import configure
-from proxy.settings import load_config_file, overlay, parse_go_bool
+from proxy.settings import load_config_file, overlay, parse_go_bool, parse_go_duration
 
 PROG = "alloydb-auth-proxy"
 SHORT_HELP = "alloydb-auth-proxy provides a secure way to authorize connections to AlloyDB."
@@ -46,6 +46,27 @@ def fail(message: str) -> NoReturn:
     """Cobra-style bad-command exit: the message, then the usage, exit 1."""
     sys.stderr.write(f"Error: {message}\n{_usage()}\n")
     sys.exit(1)
+
+
+if TYPE_CHECKING:
+    _FloatParamType = click.ParamType[float]
+else:  # ParamType is generic only from click 8.5 on
+    _FloatParamType = click.ParamType
+
+
+class GoDuration(_FloatParamType):
+    """A Go duration (``10s``, ``1m30s``) as seconds, with pflag's error text."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_go_duration(str(value))
+        except ValueError as exc:
+            flag = f"--{param.name.replace('_', '-')}" if param and param.name else "duration"
+            raise click.UsageError(f'invalid argument "{value}" for "{flag}" flag: {exc}') from None
 
 
 def _version_callback(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -164,6 +185,40 @@ class _CobraStyleCommand(click.Command):
 )
 @click.option("--debug-logs", is_flag=True, help="Enable debug logging.")
 @click.option("--quiet", is_flag=True, help="Log error messages only.")
+@click.option(
+    "--http-address",
+    default="localhost",
+    help="Address for Prometheus and health check server.",
+)
+@click.option("--http-port", default="9090", help="Port for Prometheus and health check server.")
+@click.option(
+    "--health-check",
+    is_flag=True,
+    help="Enables health check endpoints /startup, /liveness, and /readiness on localhost.",
+)
+@click.option("--admin-port", default="9091", help="Port for localhost-only admin server.")
+@click.option(
+    "--quitquitquit",
+    is_flag=True,
+    help="Enable quitquitquit endpoint on the localhost admin server.",
+)
+@click.option(
+    "--min-sigterm-delay",
+    type=GoDuration(),
+    default="0s",
+    help="The number of seconds to accept new connections after receiving a TERM signal.",
+)
+@click.option(
+    "--max-sigterm-delay",
+    type=GoDuration(),
+    default="0s",
+    help="Maximum amount of time to wait after for any open connections to close after receiving a TERM signal.",
+)
+@click.option(
+    "--exit-zero-sigterm",
+    is_flag=True,
+    help="Exit with 0 exit code when Sigterm received (default is 143)",
+)
 @click.option(
     "--config-file",
     default="",
@@ -300,6 +355,14 @@ def build_config(
         structured_logs=opts["structured_logs"],
         debug_logs=opts["debug_logs"],
         quiet=opts["quiet"],
+        http_address=opts["http_address"],
+        http_port=opts["http_port"],
+        health_check=opts["health_check"],
+        admin_port=opts["admin_port"],
+        quitquitquit=opts["quitquitquit"],
+        min_sigterm_delay=opts["min_sigterm_delay"],
+        max_sigterm_delay=opts["max_sigterm_delay"],
+        exit_zero_sigterm=opts["exit_zero_sigterm"],
         set_options=set_options,
     )
 
@@ -311,6 +374,8 @@ def run(cfg: Config, warnings: list[str] | tuple[str, ...] = ()) -> int:
         log.error(warning)
     if "alloydbadmin_api_endpoint" in cfg.set_options:
         log.info("Using API Endpoint %s", cfg.api_endpoint)
+    if "http_port" in cfg.set_options and not cfg.health_check:
+        log.info("Ignoring --http-port because --prometheus or --health-check was not set")
     if cfg.login_token and not any(cfg.auto_iam_for(i) for i in cfg.instances):
         log.info(
             "Ignoring --login-token because --auto-iam-authn is not enabled (globally or per-instance)"

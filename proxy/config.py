@@ -208,6 +208,15 @@ class Config:
     debug_logs: bool = False
     quiet: bool = False
 
+    http_address: str = "localhost"
+    http_port: str = "9090"
+    health_check: bool = False
+    admin_port: str = "9091"
+    quitquitquit: bool = False
+    min_sigterm_delay: float = 0.0  # seconds
+    max_sigterm_delay: float = 0.0
+    exit_zero_sigterm: bool = False
+
     # Which options the user set explicitly (flag, env or file), for the
     # "Ignoring ..." logs and conflict checks that the Go proxy does.
     set_options: frozenset[str] = field(default_factory=frozenset)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,44 @@ def parse_go_bool(text: str) -> bool:
     if text in _GO_FALSE:
         return False
     raise ValueError(f"invalid syntax: {text!r}")
+
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+
+
+def parse_go_duration(text: str) -> float:
+    """Seconds in a Go duration such as ``10s``, ``1m30s`` or ``0``; ValueError otherwise."""
+    if text in ("0", "+0", "-0"):
+        return 0.0
+    body = text.lstrip("+")
+    if not body or body.startswith("-"):
+        raise ValueError(f'time: invalid duration "{text}"')
+    total, pos = 0.0, 0
+    for match in _DURATION_PART.finditer(body):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(body):
+        if re.fullmatch(r"[\d.]+", body):
+            raise ValueError(f'time: missing unit in duration "{text}"')
+        raise ValueError(f'time: invalid duration "{text}"')
+    return total
+
+
+def format_go_duration(seconds: float) -> str:
+    """The reverse for whole seconds and minutes, as Go prints them (``1m30s``, ``10s``)."""
+    whole = int(seconds)
+    if whole != seconds:
+        return f"{seconds:g}s"
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
 
 
 def _stringify(value: Any) -> str:

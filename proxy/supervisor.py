@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import signal
+import time
 from dataclasses import dataclass
 
 from proxy import __version__
@@ -20,8 +21,10 @@ from proxy.config import Config
 from proxy.credentials import resolve
 from proxy.dialer import Dialer
 from proxy.errors import ProxyError
+from proxy.health import HTTPServer, ProbeState, admin_routes, health_routes
 from proxy.log import Logger
 from proxy.server import ProxyServer
+from proxy.settings import format_go_duration
 
 READY_LINE = "The proxy has started successfully and is ready for new connections!"
 
@@ -50,6 +53,8 @@ class Supervisor:
         self._log = log
         self._stop = asyncio.Event()
         self._signal: signal.Signals | None = None
+        self._quit = False
+        self.probes = ProbeState(max_connections=cfg.max_connections)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         # Only the first signal counts; the Go proxy swallows later ones too.
@@ -69,7 +74,6 @@ class Supervisor:
 
     async def _run(self) -> Outcome:
         log = self._log
-        loop = asyncio.get_running_loop()
         startup = asyncio.ensure_future(self._start())
         stop_wait = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait({startup, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -85,16 +89,70 @@ class Supervisor:
             return Outcome(Exit.ERROR, str(exc))
 
         log.info(READY_LINE)
-        server.start_accepting()
-        await self._stop.wait()
-        if self._signal is not None:
+        http_servers: list[HTTPServer] = []
+        try:
+            try:
+                await self._start_http(server, http_servers)
+            except OSError as exc:
+                return Outcome(Exit.ERROR, f"failed to start HTTP server: {exc}")
+            server.start_accepting()
+            self.probes.started = True
+            await self._stop.wait()
+            return await self._shut_down(server, dialer, client)
+        finally:
+            for http in http_servers:
+                await http.close()
+
+    async def _start_http(self, server: ProxyServer, started: list[HTTPServer]) -> None:
+        cfg, log = self._cfg, self._log
+        if cfg.health_check:
+            health = HTTPServer(health_routes(self.probes, lambda: server.connection_count, log))
+            await health.start(cfg.http_address, int(cfg.http_port))
+            started.append(health)
+            log.info("Starting health check server at %s:%s", cfg.http_address, cfg.http_port)
+        if cfg.quitquitquit:
+            admin = HTTPServer(admin_routes(self._on_quit))
+            await admin.start("localhost", int(cfg.admin_port))
+            started.append(admin)
+            log.info("Enabling quitquitquit endpoint at localhost:%s", cfg.admin_port)
+
+    def _on_quit(self) -> None:
+        if not self._stop.is_set():
+            self._quit = True
+            self._stop.set()
+
+    async def _shut_down(
+        self, server: ProxyServer, dialer: Dialer, client: AdminAPIClient
+    ) -> Outcome:
+        """The Go proxy's order: keep accepting for --min-sigterm-delay, stop listening,
+        then wait up to --max-sigterm-delay for open connections to finish."""
+        cfg, log = self._cfg, self._log
+        if self._quit:
+            log.info("/quitquitquit received request. Shutting down...")
+        elif self._signal is not None:
             log.info("%s signal received. Shutting down...", self._signal.name)
+        if cfg.min_sigterm_delay > 0:
+            await asyncio.sleep(cfg.min_sigterm_delay)
+        self.probes.stopping = True
         server.close_listeners()
         dialer.close()
-        await loop.run_in_executor(None, client.close)
-        if self._signal is None:
+        await asyncio.get_running_loop().run_in_executor(None, client.close)
+        if cfg.max_sigterm_delay > 0:
+            deadline = time.monotonic() + cfg.max_sigterm_delay
+            while server.connection_count and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            if server.connection_count:
+                log.error(
+                    "error during shutdown: %d connection(s) still open after waiting %s",
+                    server.connection_count,
+                    format_go_duration(cfg.max_sigterm_delay),
+                )
+                return Outcome(Exit.ERROR)
+        if self._quit or self._signal is None:
             return Outcome(Exit.OK)
-        return Outcome(Exit.SIGINT if self._signal == signal.SIGINT else Exit.SIGTERM)
+        if self._signal == signal.SIGINT:
+            return Outcome(Exit.SIGINT)
+        return Outcome(Exit.OK if cfg.exit_zero_sigterm else Exit.SIGTERM)
 
     def _signal_exit(self, message: str) -> Outcome:
         code = Exit.SIGINT if self._signal == signal.SIGINT else Exit.SIGTERM

@@ -1,0 +1,136 @@
+"""Health checks, the admin server's /quitquitquit and the SIGTERM delays, through the real CLI."""
+
+from __future__ import annotations
+
+import signal
+import time
+import urllib.error
+import urllib.request
+
+import psycopg
+import pytest
+
+from .conftest import DB_NAME, DB_PASSWORD, DB_USER, URI
+from .proxyproc import ProxyProcess, free_port_block
+
+
+def get(url: str, method: str = "GET") -> tuple[int, str]:
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+@pytest.fixture
+def ports():
+    base = free_port_block(4)
+    return {"proxy": base, "http": base + 1, "admin": base + 2}
+
+
+def start(emulator, ports, *args, ready=True):
+    proc = ProxyProcess(
+        [
+            URI,
+            "--port",
+            str(ports["proxy"]),
+            "--token",
+            "tok-app",
+            "--alloydbadmin-api-endpoint",
+            emulator.admin_url,
+            "--http-address",
+            "127.0.0.1",
+            "--http-port",
+            str(ports["http"]),
+            "--admin-port",
+            str(ports["admin"]),
+            *args,
+        ]
+    )
+    if ready:
+        proc.wait_ready()
+    return proc
+
+
+def dsn(port: int) -> str:
+    return f"host=127.0.0.1 port={port} user={DB_USER} password={DB_PASSWORD} dbname={DB_NAME}"
+
+
+def test_health_endpoints(emulator, ports):
+    proc = start(emulator, ports, "--health-check", "--max-connections", "1")
+    try:
+        base = f"http://127.0.0.1:{ports['http']}"
+        proc.wait_for(rf"Starting health check server at 127\.0\.0\.1:{ports['http']}")
+        assert get(f"{base}/startup") == (200, "ok")
+        assert get(f"{base}/liveness", "POST") == (200, "ok")
+        assert get(f"{base}/readiness") == (200, "ok")
+        assert get(f"{base}/nope")[0] == 404
+        with psycopg.connect(dsn(ports["proxy"])):
+            status, body = get(f"{base}/readiness")
+            assert status == 503 and body == "max connections reached (open = 1, max = 1)"
+            proc.wait_for(
+                r"\[Health Check\] Readiness failed: max connections reached", stream="stderr"
+            )
+        time.sleep(0.3)
+        assert get(f"{base}/readiness") == (200, "ok")
+    finally:
+        assert proc.stop() == 143
+
+
+def test_quitquitquit_exits_zero(emulator, ports):
+    proc = start(emulator, ports, "--quitquitquit")
+    proc.wait_for(rf"Enabling quitquitquit endpoint at localhost:{ports['admin']}")
+    assert get(f"http://127.0.0.1:{ports['admin']}/quitquitquit", "PUT")[0] == 400
+    assert get(f"http://127.0.0.1:{ports['admin']}/quitquitquit", "POST")[0] == 200
+    assert proc.wait_exit() == 0
+    assert "/quitquitquit received request. Shutting down..." in proc.output
+
+
+def test_min_sigterm_delay_keeps_accepting(emulator, ports):
+    proc = start(emulator, ports, "--min-sigterm-delay", "2s", "--health-check")
+    proc.proc.send_signal(signal.SIGTERM)
+    proc.wait_for("SIGTERM signal received. Shutting down...")
+    # Still accepting during the delay, and readiness still 200 (as in the Go proxy).
+    with psycopg.connect(dsn(ports["proxy"])) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert get(f"http://127.0.0.1:{ports['http']}/readiness") == (200, "ok")
+    assert proc.wait_exit() == 143
+
+
+def test_max_sigterm_delay_waits_for_connections_then_fails(emulator, ports):
+    proc = start(emulator, ports, "--max-sigterm-delay", "1s")
+    conn = psycopg.connect(dsn(ports["proxy"]), autocommit=True)
+    conn.execute("SELECT 1")
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.wait_exit() == 1
+    conn.close()  # its tunnel ended with the process
+    assert "error during shutdown: 1 connection(s) still open after waiting 1s" in proc.output
+
+
+def test_max_sigterm_delay_ends_early_when_idle(emulator, ports):
+    proc = start(emulator, ports, "--max-sigterm-delay", "30s", "--exit-zero-sigterm")
+    began = time.monotonic()
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.wait_exit() == 0
+    assert time.monotonic() - began < 10
+
+
+def test_bad_duration_is_a_bad_command(emulator, ports):
+    proc = start(emulator, ports, "--max-sigterm-delay", "10", ready=False)
+    assert proc.wait_exit() == 1
+    assert proc.stderr[0] == (
+        'Error: invalid argument "10" for "--max-sigterm-delay" flag: '
+        'time: missing unit in duration "10"'
+    )
+
+
+def test_health_port_in_use_is_a_terminal_error(emulator, ports):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", ports["http"]))
+        busy.listen()
+        proc = start(emulator, ports, "--health-check")
+        assert proc.wait_exit() == 1
+    assert "The proxy has encountered a terminal error: failed to start HTTP server:" in proc.output
