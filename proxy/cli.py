@@ -220,6 +220,11 @@ class _CobraStyleCommand(click.Command):
     help="Exit with 0 exit code when Sigterm received (default is 143)",
 )
 @click.option(
+    "--run-connection-test",
+    is_flag=True,
+    help="Runs a connection test against all specified instances. If an instance is unreachable, the Proxy exits with a failure status code.",
+)
+@click.option(
     "--config-file",
     default="",
     help="Path to a TOML, YAML or JSON file containing configuration options.",
@@ -363,6 +368,7 @@ def build_config(
         min_sigterm_delay=opts["min_sigterm_delay"],
         max_sigterm_delay=opts["max_sigterm_delay"],
         exit_zero_sigterm=opts["exit_zero_sigterm"],
+        run_connection_test=opts["run_connection_test"],
         set_options=set_options,
     )
 

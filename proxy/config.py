@@ -216,6 +216,7 @@ class Config:
     min_sigterm_delay: float = 0.0  # seconds
     max_sigterm_delay: float = 0.0
     exit_zero_sigterm: bool = False
+    run_connection_test: bool = False
 
     # Which options the user set explicitly (flag, env or file), for the
     # "Ignoring ..." logs and conflict checks that the Go proxy does.

@@ -265,3 +265,17 @@ class ProxyServer:
     def _count(self, delta: int) -> None:
         # Global across instances, counted from accept to close, like the Go proxy.
         self.connection_count += delta
+
+    async def connection_test(self) -> list[str]:
+        """Dial every instance once (``--run-connection-test``); the errors, if any."""
+
+        async def check(inst: InstanceConfig) -> str:
+            try:
+                conn = await asyncio.wait_for(self._dialer.dial(inst), DIAL_TIMEOUT)
+            except Exception as exc:
+                return str(exc)
+            conn.close()
+            return ""
+
+        results = await asyncio.gather(*(check(inst) for inst in self._cfg.instances))
+        return [r for r in results if r]

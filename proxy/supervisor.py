@@ -14,7 +14,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from proxy import __version__
+from proxy import __version__, sdnotify
 from proxy.adminapi import AdminAPIClient
 from proxy.cache import KeyPair
 from proxy.config import Config
@@ -86,15 +86,24 @@ class Supervisor:
         try:
             server, dialer, client = startup.result()
         except ProxyError as exc:
+            self._notify("STOPPING=1", "termination")
             return Outcome(Exit.ERROR, str(exc))
 
         log.info(READY_LINE)
+        self._notify("READY=1", "readiness")
         http_servers: list[HTTPServer] = []
         try:
             try:
                 await self._start_http(server, http_servers)
             except OSError as exc:
                 return Outcome(Exit.ERROR, f"failed to start HTTP server: {exc}")
+            if self._cfg.run_connection_test:
+                log.info("Connection test started")
+                errors = await server.connection_test()
+                if errors:
+                    log.error("Connection test failed")
+                    return Outcome(Exit.ERROR, ", ".join(errors))
+                log.info("Connection test passed")
             server.start_accepting()
             self.probes.started = True
             await self._stop.wait()
@@ -116,6 +125,12 @@ class Supervisor:
             started.append(admin)
             log.info("Enabling quitquitquit endpoint at localhost:%s", cfg.admin_port)
 
+    def _notify(self, state: str, what: str) -> None:
+        try:
+            sdnotify.notify(state)
+        except OSError as exc:
+            self._log.error("Failed to notify systemd of %s: %s", what, exc)
+
     def _on_quit(self) -> None:
         if not self._stop.is_set():
             self._quit = True
@@ -134,6 +149,7 @@ class Supervisor:
         if cfg.min_sigterm_delay > 0:
             await asyncio.sleep(cfg.min_sigterm_delay)
         self.probes.stopping = True
+        self._notify("STOPPING=1", "termination")
         server.close_listeners()
         dialer.close()
         await asyncio.get_running_loop().run_in_executor(None, client.close)

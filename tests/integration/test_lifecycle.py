@@ -134,3 +134,40 @@ def test_health_port_in_use_is_a_terminal_error(emulator, ports):
         proc = start(emulator, ports, "--health-check")
         assert proc.wait_exit() == 1
     assert "The proxy has encountered a terminal error: failed to start HTTP server:" in proc.output
+
+
+def test_systemd_notify(emulator, ports, tmp_path):
+    import socket as socketlib
+
+    path = str(tmp_path / "notify.sock")
+    with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM) as systemd:
+        systemd.bind(path)
+        systemd.settimeout(20)
+        proc = ProxyProcess(
+            [
+                URI,
+                "--port",
+                str(ports["proxy"]),
+                "--token",
+                "tok-app",
+                "--alloydbadmin-api-endpoint",
+                emulator.admin_url,
+            ],
+            env={"NOTIFY_SOCKET": path},
+        )
+        proc.wait_ready()
+        assert systemd.recv(100) == b"READY=1"
+        assert proc.stop() == 143
+        assert systemd.recv(100) == b"STOPPING=1"
+
+
+def test_run_connection_test(emulator, ports):
+    proc = start(emulator, ports, "--run-connection-test")
+    proc.wait_for("Connection test passed")
+    assert emulator.mdx_requests  # it really dialled, exchange included
+    assert proc.stop() == 143
+    emulator.instances[URI].faults.set(mdx_error="not today")
+    proc = start(emulator, ports, "--run-connection-test", ready=False)
+    assert proc.wait_exit() == 1
+    assert "Connection test failed" in proc.output
+    assert proc.stderr[-1].endswith("The proxy has encountered a terminal error: not today")
