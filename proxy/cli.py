@@ -397,4 +397,14 @@ def run(cfg: Config, warnings: list[str] | tuple[str, ...] = ()) -> int:
 
 
 def main() -> None:
-    root.main(prog_name=PROG)
+    # The root command takes free positional instance URIs, so subcommands are
+    # picked out by their first word before click sees the arguments.
+    from proxy.subcommands import SUBCOMMANDS
+
+    args = sys.argv[1:]
+    if args and args[0] in SUBCOMMANDS:
+        SUBCOMMANDS[args[0]].main(args[1:], prog_name=f"{PROG} {args[0]}")
+    elif args and args[0] == "help":
+        root.main(["--help"], prog_name=PROG)
+    else:
+        root.main(args, prog_name=PROG)

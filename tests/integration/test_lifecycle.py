@@ -171,3 +171,26 @@ def test_run_connection_test(emulator, ports):
     assert proc.wait_exit() == 1
     assert "Connection test failed" in proc.output
     assert proc.stderr[-1].endswith("The proxy has encountered a terminal error: not today")
+
+
+def run_sub(*args, timeout=60):
+    proc = ProxyProcess(list(args))
+    proc.wait_exit(timeout)
+    return proc
+
+
+def test_wait_and_shutdown_subcommands(emulator, ports):
+    http, admin = str(ports["http"]), str(ports["admin"])
+    assert run_sub("shutdown", "--admin-port", admin).proc.returncode == 1
+    waited = run_sub("wait", "--http-port", http, "--max", "1s")
+    assert waited.proc.returncode == 1
+    assert waited.stderr == ["Error: command failed to complete successfully"]
+    proc = start(emulator, ports, "--health-check", "--quitquitquit", ready=False)
+    assert run_sub("wait", "--http-address", "127.0.0.1", "--http-port", http).proc.returncode == 0
+    assert run_sub("shutdown", "--admin-port", admin).proc.returncode == 0
+    assert proc.wait_exit() == 0
+
+
+def test_completion_and_help_subcommands():
+    assert "_ALLOYDB_AUTH_PROXY_COMPLETE" in run_sub("completion", "bash").output
+    assert "--credentials-file" in run_sub("help").output
