@@ -281,3 +281,10 @@ def test_command_runs_writes_state_and_stops_on_sigterm(tmp_path):
     assert "Admin API at" in out
     with pytest.raises(OSError):  # its temporary PostgreSQL is gone
         socket.create_connection(("127.0.0.1", pg_port), timeout=2).close()
+
+
+def test_admin_latency_fault(emulator):
+    emulator.faults.set(admin_latency=0.5)
+    began = time.monotonic()
+    assert call(emulator, "GET", f"/v1beta/{URI}/connectionInfo").status_code == 200
+    assert time.monotonic() - began >= 0.5
