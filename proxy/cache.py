@@ -29,6 +29,7 @@ from proxy.adminapi import AdminAPIClient
 from proxy.config import InstanceURI
 from proxy.errors import AdminAPIError, ConfigError, RefreshError
 from proxy.log import Logger
+from proxy.metrics import Metrics
 from proxy.refresh import RateLimiter, lazy_needs_refresh, seconds_until_refresh
 
 
@@ -124,6 +125,16 @@ async def fetch_connection_info(
     )
 
 
+def _record_refresh(metrics: Metrics | None, short: str, error: BaseException | None) -> None:
+    if metrics is None:
+        return
+    if error is None:
+        metrics.refresh_success[short] += 1
+    else:
+        code = getattr(error, "reason", "") or type(error).__name__
+        metrics.refresh_failure[(short, code)] += 1
+
+
 class ConnectionInfoCache(Protocol):
     async def connection_info(self) -> ConnectionInfo: ...
 
@@ -134,8 +145,14 @@ class ConnectionInfoCache(Protocol):
 
 class RefreshAheadCache:
     def __init__(
-        self, uri: InstanceURI, client: AdminAPIClient, keys: KeyPair, log: Logger
+        self,
+        uri: InstanceURI,
+        client: AdminAPIClient,
+        keys: KeyPair,
+        log: Logger,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._uri = uri
         self._client = client
         self._keys = keys
@@ -194,6 +211,7 @@ class RefreshAheadCache:
         try:
             info = await fetch_connection_info(self._client, self._uri, self._keys)
         except Exception as exc:
+            _record_refresh(self._metrics, short, exc)
             self._log.debug("[%s] Connection info refresh operation failed: %s", short, exc)
             if not self._closed:
                 if not self._current_is_valid():
@@ -201,6 +219,7 @@ class RefreshAheadCache:
                 self._next_started = False
                 self._next = self._schedule(0.0)
             raise
+        _record_refresh(self._metrics, short, None)
         self._log.debug(
             "[%s] Connection info refresh operation complete (type = refresh ahead)", short
         )
@@ -225,8 +244,14 @@ class RefreshAheadCache:
 
 class LazyCache:
     def __init__(
-        self, uri: InstanceURI, client: AdminAPIClient, keys: KeyPair, log: Logger
+        self,
+        uri: InstanceURI,
+        client: AdminAPIClient,
+        keys: KeyPair,
+        log: Logger,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._uri = uri
         self._client = client
         self._keys = keys
@@ -252,7 +277,12 @@ class LazyCache:
             self._log.debug(
                 "[%s] Connection info refresh operation started (type = lazy)", self._uri.short
             )
-            self._info = await fetch_connection_info(self._client, self._uri, self._keys)
+            try:
+                self._info = await fetch_connection_info(self._client, self._uri, self._keys)
+            except Exception as exc:
+                _record_refresh(self._metrics, self._uri.short, exc)
+                raise
+            _record_refresh(self._metrics, self._uri.short, None)
             self._force = False
             return self._info
 

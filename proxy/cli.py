@@ -225,6 +225,12 @@ class _CobraStyleCommand(click.Command):
     help="Runs a connection test against all specified instances. If an instance is unreachable, the Proxy exits with a failure status code.",
 )
 @click.option(
+    "--prometheus", is_flag=True, help="Enable Prometheus HTTP endpoint /metrics on localhost"
+)
+@click.option(
+    "--prometheus-namespace", default="", help="Use the provided Prometheus namespace for metrics"
+)
+@click.option(
     "--config-file",
     default="",
     help="Path to a TOML, YAML or JSON file containing configuration options.",
@@ -369,6 +375,8 @@ def build_config(
         max_sigterm_delay=opts["max_sigterm_delay"],
         exit_zero_sigterm=opts["exit_zero_sigterm"],
         run_connection_test=opts["run_connection_test"],
+        prometheus=opts["prometheus"],
+        prometheus_namespace=opts["prometheus_namespace"],
         set_options=set_options,
     )
 
@@ -380,7 +388,7 @@ def run(cfg: Config, warnings: list[str] | tuple[str, ...] = ()) -> int:
         log.error(warning)
     if "alloydbadmin_api_endpoint" in cfg.set_options:
         log.info("Using API Endpoint %s", cfg.api_endpoint)
-    if "http_port" in cfg.set_options and not cfg.health_check:
+    if "http_port" in cfg.set_options and not (cfg.health_check or cfg.prometheus):
         log.info("Ignoring --http-port because --prometheus or --health-check was not set")
     if cfg.login_token and not any(cfg.auto_iam_for(i) for i in cfg.instances):
         log.info(

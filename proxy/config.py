@@ -217,6 +217,8 @@ class Config:
     max_sigterm_delay: float = 0.0
     exit_zero_sigterm: bool = False
     run_connection_test: bool = False
+    prometheus: bool = False
+    prometheus_namespace: str = ""
 
     # Which options the user set explicitly (flag, env or file), for the
     # "Ignoring ..." logs and conflict checks that the Go proxy does.

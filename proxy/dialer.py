@@ -19,6 +19,7 @@ from proxy.config import SERVER_PROXY_PORT, Config, InstanceConfig, InstanceURI
 from proxy.credentials import CredentialSet
 from proxy.errors import ConfigError, DialError, MetadataExchangeError
 from proxy.log import Logger
+from proxy.metrics import Metrics
 
 #: Sent in every metadata exchange, like the Go connector's own name/version.
 MDX_USER_AGENT = f"alloydb-python-proxy/{__version__}"
@@ -43,7 +44,9 @@ class Dialer:
         client: AdminAPIClient,
         keys: KeyPair,
         log: Logger,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._cfg = cfg
         self._credentials = credentials
         self._client = client
@@ -56,7 +59,7 @@ class Dialer:
         cache = self._caches.get(uri)
         if cache is None:
             kind = LazyCache if self._cfg.lazy_refresh else RefreshAheadCache
-            cache = kind(uri, self._client, self._keys, self._log)
+            cache = kind(uri, self._client, self._keys, self._log, self._metrics)
             self._caches[uri] = cache
         return cache
 

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from proxy.log import Logger
+from proxy.metrics import Metrics
 
 Handler = Callable[[str], Awaitable[tuple[int, str]]]
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 503: "Service Unavailable"}
@@ -113,3 +114,10 @@ def admin_routes(on_quit: Callable[[], None]) -> dict[str, Handler]:
         return 200, ""
 
     return {"/quitquitquit": quitquitquit}
+
+
+def metrics_route(metrics: Metrics) -> Handler:
+    async def render(_method: str) -> tuple[int, str]:
+        return 200, metrics.render()
+
+    return render

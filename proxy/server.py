@@ -16,6 +16,7 @@ import contextlib
 import errno
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 
 from proxy import _splice, pgstartup, tlsconn
@@ -23,6 +24,7 @@ from proxy.config import Config, InstanceConfig, TCPMount, UnixMount, plan_mount
 from proxy.dialer import Dialer, set_tcp_options
 from proxy.errors import StartupError
 from proxy.log import Logger
+from proxy.metrics import Metrics
 
 DIAL_TIMEOUT = 30.0
 #: How long to stop accepting after a resource error (EMFILE, ENFILE, ENOBUFS).
@@ -58,12 +60,17 @@ class Listener:
 
 
 class ProxyServer:
-    def __init__(self, cfg: Config, dialer: Dialer, log: Logger) -> None:
+    def __init__(
+        self, cfg: Config, dialer: Dialer, log: Logger, metrics: Metrics | None = None
+    ) -> None:
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.live_bytes = self._live_bytes
         self._cfg = cfg
         self._dialer = dialer
         self._log = log
         self._listeners: list[Listener] = []
-        self._splices: set[_splice.Splice] = set()
+        self._splices: dict[_splice.Splice, str] = {}  # -> instance short name
         self._tasks: set[asyncio.Task[None]] = set()
         self.connection_count = 0
 
@@ -233,6 +240,8 @@ class ProxyServer:
 
     async def _connect(self, inst: InstanceConfig, client: socket.socket) -> None:
         short = inst.uri.short
+        metrics = self._metrics
+        began = time.monotonic()
         try:
             conn = await asyncio.wait_for(self._dial(inst, client), DIAL_TIMEOUT)
         except BaseException as exc:
@@ -240,6 +249,8 @@ class ProxyServer:
             self._count(-1)
             if isinstance(exc, asyncio.CancelledError):
                 raise
+            if metrics is not None:
+                metrics.dial_failures[inst.uri.name] += 1
             if isinstance(exc, TimeoutError):
                 exc = TimeoutError(
                     f"dial error: context was canceled or expired before refresh completed "
@@ -248,8 +259,16 @@ class ProxyServer:
             self._log.error("[%s] failed to connect to instance: %s\n", short, exc)
             return
 
+        if metrics is not None:
+            metrics.dial_succeeded(inst.uri.name, (time.monotonic() - began) * 1000)
+            metrics.connection_opened(short)
+
         def done(kind: int, message: str) -> None:
-            self._splices.discard(splice)
+            self._splices.pop(splice, None)
+            if metrics is not None:
+                metrics.connection_closed(
+                    short, splice.bytes_client_to_server, splice.bytes_server_to_client
+                )
             is_error, line = _DONE_LINES.get(kind, (False, ""))
             if line:
                 if is_error:
@@ -259,8 +278,19 @@ class ProxyServer:
             self._count(-1)
 
         splice = _splice.Splice(client.detach(), conn, done, HALF_CLOSE_LINGER)
-        self._splices.add(splice)
+        self._splices[splice] = short
         splice.start(asyncio.get_running_loop())
+
+    def _live_bytes(self) -> dict[str, tuple[int, int]]:
+        """Bytes moved so far by open connections, per instance (read at scrape time)."""
+        totals: dict[str, tuple[int, int]] = {}
+        for splice, short in self._splices.items():
+            sent, received = totals.get(short, (0, 0))
+            totals[short] = (
+                sent + splice.bytes_client_to_server,
+                received + splice.bytes_server_to_client,
+            )
+        return totals
 
     def _count(self, delta: int) -> None:
         # Global across instances, counted from accept to close, like the Go proxy.

@@ -21,8 +21,9 @@ from proxy.config import Config
 from proxy.credentials import resolve
 from proxy.dialer import Dialer
 from proxy.errors import ProxyError
-from proxy.health import HTTPServer, ProbeState, admin_routes, health_routes
+from proxy.health import HTTPServer, ProbeState, admin_routes, health_routes, metrics_route
 from proxy.log import Logger
+from proxy.metrics import Metrics
 from proxy.server import ProxyServer
 from proxy.settings import format_go_duration
 
@@ -55,6 +56,7 @@ class Supervisor:
         self._signal: signal.Signals | None = None
         self._quit = False
         self.probes = ProbeState(max_connections=cfg.max_connections)
+        self.metrics = Metrics(cfg.prometheus_namespace) if cfg.prometheus else None
 
     def _on_signal(self, sig: signal.Signals) -> None:
         # Only the first signal counts; the Go proxy swallows later ones too.
@@ -114,8 +116,15 @@ class Supervisor:
 
     async def _start_http(self, server: ProxyServer, started: list[HTTPServer]) -> None:
         cfg, log = self._cfg, self._log
-        if cfg.health_check:
-            health = HTTPServer(health_routes(self.probes, lambda: server.connection_count, log))
+        if cfg.health_check or self.metrics is not None:
+            routes = (
+                health_routes(self.probes, lambda: server.connection_count, log)
+                if cfg.health_check
+                else {}
+            )
+            if self.metrics is not None:
+                routes["/metrics"] = metrics_route(self.metrics)
+            health = HTTPServer(routes)
             await health.start(cfg.http_address, int(cfg.http_port))
             started.append(health)
             log.info("Starting health check server at %s:%s", cfg.http_address, cfg.http_port)
@@ -194,8 +203,8 @@ class Supervisor:
             raise ProxyError(f"unable to start: {exc}") from None
         keys = await KeyPair.generate_async()
         client = AdminAPIClient(cfg.api_endpoint, credentials.api, user_agent(cfg))
-        dialer = Dialer(cfg, credentials, client, keys, log)
-        server = ProxyServer(cfg, dialer, log)
+        dialer = Dialer(cfg, credentials, client, keys, log, self.metrics)
+        server = ProxyServer(cfg, dialer, log, self.metrics)
         try:
             server.open_listeners()
         except BaseException:

@@ -194,3 +194,31 @@ def test_wait_and_shutdown_subcommands(emulator, ports):
 def test_completion_and_help_subcommands():
     assert "_ALLOYDB_AUTH_PROXY_COMPLETE" in run_sub("completion", "bash").output
     assert "--credentials-file" in run_sub("help").output
+
+
+def test_prometheus_metrics(emulator, ports):
+    base = f"http://127.0.0.1:{ports['http']}/metrics"
+    proc = start(emulator, ports, "--prometheus", "--prometheus-namespace", "my-app")
+    proc.wait_for("Starting health check server at")
+    try:
+        assert get(base) == (200, "")  # no series before the first dial, as in the Go proxy
+        with psycopg.connect(dsn(ports["proxy"])) as conn:
+            conn.execute("SELECT repeat('x', 100000)").fetchone()
+            status, text = get(base)
+            assert status == 200
+            assert "# TYPE my_app_alloydbconn_open_connections gauge" in text
+            assert 'alloydb_instance="project-id.us-central1.clust.inst"} 1' in text
+        time.sleep(0.3)
+        _, text = get(base)
+        series = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+        short = 'alloydb_instance="project-id.us-central1.clust.inst"'
+        by_name = {k.split("{")[0]: v for k, v in series.items() if short in k or URI in k}
+        assert by_name["my_app_alloydbconn_dial_latency_count"] == "1"
+        assert by_name["my_app_alloydbconn_open_connections"] == "0"
+        assert by_name["my_app_alloydbconn_refresh_success_count"] == "1"
+        assert int(by_name["my_app_alloydbconn_bytes_received"]) > 100000
+        assert int(by_name["my_app_alloydbconn_bytes_sent"]) > 0
+        assert "# TYPE my_app_alloydbconn_bytes_sent counter" in text
+        assert "_total" not in text
+    finally:
+        proc.stop()
