@@ -143,7 +143,10 @@ class ConnectionInfoCache(Protocol):
     def close(self) -> None: ...
 
 
-class RefreshAheadCache:
+class _InstanceCache:
+    """What both strategies share: the instance, the API client, the key, and
+    one fetch that also counts refresh successes and failures for metrics."""
+
     def __init__(
         self,
         uri: InstanceURI,
@@ -152,11 +155,32 @@ class RefreshAheadCache:
         log: Logger,
         metrics: Metrics | None = None,
     ) -> None:
-        self._metrics = metrics
         self._uri = uri
         self._client = client
         self._keys = keys
         self._log = log
+        self._metrics = metrics
+
+    async def _fetch(self) -> ConnectionInfo:
+        try:
+            info = await fetch_connection_info(self._client, self._uri, self._keys)
+        except Exception as exc:
+            _record_refresh(self._metrics, self._uri.short, exc)
+            raise
+        _record_refresh(self._metrics, self._uri.short, None)
+        return info
+
+
+class RefreshAheadCache(_InstanceCache):
+    def __init__(
+        self,
+        uri: InstanceURI,
+        client: AdminAPIClient,
+        keys: KeyPair,
+        log: Logger,
+        metrics: Metrics | None = None,
+    ) -> None:
+        super().__init__(uri, client, keys, log, metrics)
         self._limiter = RateLimiter()
         self._closed = False
         self._log.debug("[%s] Connection info cache = refresh ahead", uri.short)
@@ -209,9 +233,8 @@ class RefreshAheadCache:
         )
         this = asyncio.current_task()
         try:
-            info = await fetch_connection_info(self._client, self._uri, self._keys)
+            info = await self._fetch()
         except Exception as exc:
-            _record_refresh(self._metrics, short, exc)
             self._log.debug("[%s] Connection info refresh operation failed: %s", short, exc)
             if not self._closed:
                 if not self._current_is_valid():
@@ -219,7 +242,6 @@ class RefreshAheadCache:
                 self._next_started = False
                 self._next = self._schedule(0.0)
             raise
-        _record_refresh(self._metrics, short, None)
         self._log.debug(
             "[%s] Connection info refresh operation complete (type = refresh ahead)", short
         )
@@ -242,7 +264,7 @@ class RefreshAheadCache:
         return info
 
 
-class LazyCache:
+class LazyCache(_InstanceCache):
     def __init__(
         self,
         uri: InstanceURI,
@@ -251,11 +273,7 @@ class LazyCache:
         log: Logger,
         metrics: Metrics | None = None,
     ) -> None:
-        self._metrics = metrics
-        self._uri = uri
-        self._client = client
-        self._keys = keys
-        self._log = log
+        super().__init__(uri, client, keys, log, metrics)
         self._info: ConnectionInfo | None = None
         self._force = False
         self._lock = asyncio.Lock()
@@ -277,12 +295,7 @@ class LazyCache:
             self._log.debug(
                 "[%s] Connection info refresh operation started (type = lazy)", self._uri.short
             )
-            try:
-                self._info = await fetch_connection_info(self._client, self._uri, self._keys)
-            except Exception as exc:
-                _record_refresh(self._metrics, self._uri.short, exc)
-                raise
-            _record_refresh(self._metrics, self._uri.short, None)
+            self._info = await self._fetch()
             self._force = False
             return self._info
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import random
@@ -19,6 +20,8 @@ from .test_tls import connect
 
 
 def fd_count() -> int:
+    # Collect first: sockets of earlier tests awaiting GC would skew the baseline.
+    gc.collect()
     return len(os.listdir("/proc/self/fd"))
 
 
