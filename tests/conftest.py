@@ -16,9 +16,16 @@ SA_EMAIL = f"sa-name@{PROJECT}.iam.gserviceaccount.com"
 IAM_DB_USER = f"sa-name@{PROJECT}.iam"
 DB_USER, DB_PASSWORD, DB_NAME = "app", "app-secret", "appdb"
 
+TOKENS = {
+    TOKEN_APP: Principal(f"app-sa@{PROJECT}.iam.gserviceaccount.com"),
+    TOKEN_IAM: Principal(SA_EMAIL),
+    TOKEN_DENIED: Principal(f"denied@{PROJECT}.iam.gserviceaccount.com", can_connect=False),
+}
+
 
 @pytest.fixture(scope="session")
 def pg():
+    """One real PostgreSQL for the session, with a native and an IAM user; always stopped."""
     cluster = PostgresCluster()
     cluster.start()
     try:
@@ -32,20 +39,25 @@ def pg():
 
 
 @pytest.fixture
-def emulator(pg):
-    emu = Emulator(
-        postgres_host=pg.host,
-        postgres_port=pg.port,
-        tokens={
-            TOKEN_APP: Principal(f"app-sa@{PROJECT}.iam.gserviceaccount.com"),
-            TOKEN_IAM: Principal(SA_EMAIL),
-            TOKEN_DENIED: Principal(f"denied@{PROJECT}.iam.gserviceaccount.com", can_connect=False),
-        },
-        admin_port=0,
-    )
-    emu.add_instance(URI, public_ip=True, psc=True)
-    emu.start()
-    try:
-        yield emu
-    finally:
+def make_emulator(pg):
+    """Factory: ``make_emulator(tokens=..., instances={URI: {"psc": True}})`` -> started
+    Emulator in front of the session PostgreSQL; every one is stopped at teardown."""
+    started: list[Emulator] = []
+
+    def make(*, tokens=TOKENS, instances=None, **kwargs) -> Emulator:
+        tokens = dict(tokens) if tokens is not None else None  # tests may edit theirs
+        emu = Emulator(postgres_host=pg.host, postgres_port=pg.port, tokens=tokens, **kwargs)
+        started.append(emu)
+        for uri, options in (instances or {URI: {"public_ip": True, "psc": True}}).items():
+            emu.add_instance(uri, **options)
+        return emu.start()
+
+    yield make
+    for emu in started:
         emu.stop()
+
+
+@pytest.fixture
+def emulator(make_emulator):
+    """The default emulator: URI with private and public IPs and PSC, the TOKENS principals."""
+    return make_emulator()

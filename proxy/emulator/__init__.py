@@ -15,9 +15,18 @@ Fault switches: ``emu.faults`` / ``inst.faults`` (see faults.py). Logs:
 The ``alloydb-emulator`` command runs the same from a shell.
 """
 
+from proxy.emulator.adminapi import AdminRequest
 from proxy.emulator.emulator import Emulator, Principal
 from proxy.emulator.faults import Faults
 from proxy.emulator.instance import Instance, db_user_for
 from proxy.emulator.pgcluster import PostgresCluster
 
-__all__ = ["Emulator", "Faults", "Instance", "PostgresCluster", "Principal", "db_user_for"]
+__all__ = [
+    "AdminRequest",
+    "Emulator",
+    "Faults",
+    "Instance",
+    "PostgresCluster",
+    "Principal",
+    "db_user_for",
+]

@@ -3,27 +3,34 @@
 Routes (``{ver}`` is v1, v1beta or v1alpha; query strings are ignored):
   GET  /{ver}/projects/P/locations/R/clusters/C/instances/I/connectionInfo
   POST /{ver}/projects/P/locations/R/clusters/C:generateClientCertificate
-Control routes for fault switches from outside the process:
-  POST /emulator/v1/faults    JSON object of switches (see faults.py); {"clear": true} resets
-  GET  /emulator/v1/requests  the request log as JSON
+Control routes, for fault switches from outside the process (no token needed):
+  GET  /emulator/v1/faults    the global switches and every instance's
+  POST /emulator/v1/faults    JSON object of switches (see faults.py); ``"instance": URI``
+                              targets one instance, ``"clear": true`` resets first
+  GET  /emulator/v1/requests  the Admin API request log and the metadata exchanges
 Errors use Google's JSON error body. Requests need ``Authorization: Bearer``
-with a known token (unless the emulator accepts any token).
+with a known token whose principal may connect (any token when the emulator
+was given ``tokens=None``). Connections are kept alive between requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
+from proxy.emulator.faults import Faults
 from proxy.emulator.pki import load_public_key
 
 if TYPE_CHECKING:
     from proxy.emulator.emulator import Emulator
+    from proxy.emulator.instance import Instance
 
 _CONNECTION_INFO = re.compile(
     r"^/(v1|v1beta|v1alpha)/(projects/[^/]+/locations/[^/]+/clusters/[^/]+/instances/[^/]+)/connectionInfo$"
@@ -36,20 +43,29 @@ _STATUS_NAMES = {
     401: "UNAUTHENTICATED",
     403: "PERMISSION_DENIED",
     404: "NOT_FOUND",
+    409: "ALREADY_EXISTS",
     429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
     500: "INTERNAL",
+    501: "NOT_IMPLEMENTED",
     503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
 }
 _MAX_BODY = 1 << 20
+_MAX_HEADERS = 100
+_MIN_CERT, _MAX_CERT = 3600.0, 86400.0  # the API's documented 1-24 h range
 
 
 @dataclass(frozen=True)
 class AdminRequest:
+    """One Admin API request as received; ``token`` is the bearer token ("" if none)."""
+
     method: str
     path: str
     token: str
     user_agent: str
     body: dict[str, Any] | None
+    headers: dict[str, str] = field(default_factory=dict)  # lower-case names
 
 
 class HttpError(Exception):
@@ -59,26 +75,71 @@ class HttpError(Exception):
         self.message = message
 
 
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
 def error_body(status: int, message: str) -> dict[str, Any]:
-    return {
-        "error": {
-            "code": status,
-            "message": message,
-            "status": _STATUS_NAMES.get(
-                status, HTTPStatus(status).phrase.upper().replace(" ", "_")
-            ),
-        }
-    }
+    """Google's JSON error envelope."""
+    name = _STATUS_NAMES.get(status) or _phrase(status).upper().replace(" ", "_")
+    return {"error": {"code": status, "message": message, "status": name}}
 
 
-def _parse_duration(text: Any) -> dt.timedelta:
+def parse_duration(text: Any) -> dt.timedelta:
+    """A protobuf Duration in JSON (``"3600s"``), clamped to 1-24 h; absent = 1 h."""
     if text is None:
-        return dt.timedelta(hours=1)
+        return dt.timedelta(seconds=_MIN_CERT)
     match = re.fullmatch(r"(\d+(?:\.\d+)?)s", str(text))
     if not match:
-        raise HttpError(400, f'invalid certDuration "{text}"')
-    seconds = float(match.group(1))
-    return dt.timedelta(seconds=min(max(seconds, 3600), 86400))
+        raise HttpError(400, f"invalid value at 'cert_duration': \"{text}\"")
+    return dt.timedelta(seconds=min(max(float(match.group(1)), _MIN_CERT), _MAX_CERT))
+
+
+async def _read_request(
+    reader: asyncio.StreamReader,
+) -> tuple[str, str, dict[str, str], bytes] | None:
+    """One HTTP/1.1 request: (method, target, headers, body); None at a clean EOF."""
+    request_line = await reader.readline()
+    if not request_line.strip():
+        return None
+    parts = request_line.decode("latin-1").split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        raise HttpError(400, "malformed request line")
+    method, target, version = parts
+    headers: dict[str, str] = {"_version": version}
+    for _ in range(_MAX_HEADERS):
+        line = await reader.readline()
+        if line in (b"\r\n", b"\n", b""):
+            break
+        name, sep, value = line.decode("latin-1").partition(":")
+        if not sep:
+            raise HttpError(400, "malformed header line")
+        headers[name.strip().lower()] = value.strip()
+    else:
+        raise HttpError(400, "too many headers")
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body = bytearray()
+        while True:
+            size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                break
+            body += await reader.readexactly(size)
+            await reader.readline()
+            if len(body) > _MAX_BODY:
+                raise HttpError(413, "request body too large")
+        return method, target, headers, bytes(body)
+    try:
+        length = int(headers.get("content-length", "0") or 0)
+    except ValueError:
+        raise HttpError(400, "bad Content-Length") from None
+    if not 0 <= length <= _MAX_BODY:
+        raise HttpError(413, "request body too large")
+    return method, target, headers, await reader.readexactly(length) if length else b""
 
 
 class AdminAPIServer:
@@ -86,45 +147,62 @@ class AdminAPIServer:
         self.emu = emulator
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
+        self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self, host: str, port: int) -> None:
-        self.server = await asyncio.start_server(self._serve, host, port)
+        self.server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+            # Kept-alive client connections would hold wait_closed() open (3.12+).
+            for writer in list(self._writers):
+                writer.close()
             await self.server.wait_closed()
+            self.server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
         try:
             while True:
-                request_line = await reader.readline()
-                if not request_line:
-                    return
-                method, target, _version = request_line.decode("latin-1").split(" ", 2)
-                headers: dict[str, str] = {}
-                while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    name, _, value = line.decode("latin-1").partition(":")
-                    headers[name.strip().lower()] = value.strip()
-                length = int(headers.get("content-length", "0") or 0)
-                if length > _MAX_BODY:
-                    raise HttpError(400, "request body too large")
-                raw = await reader.readexactly(length) if length else b""
-                status, body = await self._handle(method, target.split("?", 1)[0], headers, raw)
+                keep_alive = True
+                try:
+                    request = await _read_request(reader)
+                    if request is None:
+                        return
+                    method, target, headers, raw = request
+                    status, body = await self._handle(
+                        method, unquote(target.split("?", 1)[0]), headers, raw
+                    )
+                    keep_alive = headers.get("connection", "").lower() != "close" and (
+                        headers["_version"] != "HTTP/1.0"
+                        or headers.get("connection", "").lower() == "keep-alive"
+                    )
+                except HttpError as exc:
+                    # The stream may be out of sync after a malformed request: answer, then close.
+                    status, body, keep_alive = (
+                        exc.status,
+                        error_body(exc.status, exc.message),
+                        False,
+                    )
                 payload = json.dumps(body).encode()
                 writer.write(
-                    f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+                    f"HTTP/1.1 {status} {_phrase(status)}\r\n"
                     "Content-Type: application/json; charset=UTF-8\r\n"
-                    f"Content-Length: {len(payload)}\r\n\r\n".encode("latin-1")
+                    f"Content-Length: {len(payload)}\r\n"
+                    f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n".encode(
+                        "latin-1"
+                    )
                     + payload
                 )
                 await writer.drain()
-                if headers.get("connection", "").lower() == "close":
+                if not keep_alive:
                     return
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError, HttpError):
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError, UnicodeError):
             return
         finally:
+            self._writers.discard(writer)
             writer.close()
 
     async def _handle(
@@ -132,90 +210,153 @@ class AdminAPIServer:
     ) -> tuple[int, dict[str, Any]]:
         emu = self.emu
         body: dict[str, Any] | None = None
+        bad_json = False
         if raw:
             try:
                 parsed = json.loads(raw)
-            except json.JSONDecodeError:
-                return 400, error_body(400, "request body is not valid JSON")
-            body = parsed if isinstance(parsed, dict) else None
-        token = headers.get("authorization", "")
-        token = token[7:] if token.lower().startswith("bearer ") else ""
-        emu.admin_requests.append(
-            AdminRequest(method, path, token, headers.get("user-agent", ""), body)
-        )
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                bad_json = True
+            else:
+                body = parsed if isinstance(parsed, dict) else None
+                bad_json = body is None
+        if path.startswith("/emulator/v1/"):
+            return self._control(method, path, body, bad_json)  # not logged: not the API
 
-        if path == "/emulator/v1/faults" and method == "POST":
-            try:
-                if body and body.pop("clear", False):
-                    emu.faults.clear()
-                emu.faults.set(**(body or {}))
-            except (TypeError, ValueError) as exc:
-                return 400, error_body(400, str(exc))
-            return 200, emu.faults.as_dict()
-        if path == "/emulator/v1/requests" and method == "GET":
-            return 200, {"requests": [r.__dict__ for r in emu.admin_requests]}
+        auth = headers.get("authorization", "")
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        emu.admin_requests.append(
+            AdminRequest(
+                method,
+                path,
+                token,
+                headers.get("user-agent", ""),
+                body,
+                {k: v for k, v in headers.items() if not k.startswith("_")},
+            )
+        )
 
         info = _CONNECTION_INFO.match(path)
         cert = _CLIENT_CERT.match(path)
         if info and method == "GET":
             kind, name = "connectionInfo", info.group(2)
+            scoped = [emu.instances[name]] if name in emu.instances else []
         elif cert and method == "POST":
             kind, name = "generateClientCertificate", cert.group(2)
+            scoped = [i for i in list(emu.instances.values()) if i.cluster == name]
         else:
             return 404, error_body(404, f"method {method} {path} not found")
 
         try:
             self._authorize(token)
-            if emu.faults.admin_latency:
-                await asyncio.sleep(emu.faults.admin_latency)
-            forced = emu.faults.take_admin_status(kind)
+            latency = max([emu.faults.admin_latency] + [i.faults.admin_latency for i in scoped])
+            if latency:
+                await asyncio.sleep(latency)
+            forced = self._forced_status(kind, scoped)
             if forced is not None:
-                raise HttpError(forced, f"injected fault: {HTTPStatus(forced).phrase}")
+                raise HttpError(forced, f"injected fault: {_phrase(forced)}")
+            if bad_json:
+                raise HttpError(400, "invalid JSON payload received")
             if kind == "connectionInfo":
                 return 200, self._connection_info(name)
-            return 200, await self._client_certificate(name, body or {})
+            return 200, await self._client_certificate(name, body or {}, scoped)
         except HttpError as exc:
             return exc.status, error_body(exc.status, exc.message)
 
+    def _forced_status(self, kind: str, scoped: list[Instance]) -> int | None:
+        for faults in [i.faults for i in scoped] + [self.emu.faults]:
+            status = faults.take_admin_status(kind)
+            if status is not None:
+                return status
+        return None
+
+    def _control(
+        self, method: str, path: str, body: dict[str, Any] | None, bad_json: bool
+    ) -> tuple[int, dict[str, Any]]:
+        emu = self.emu
+        if path == "/emulator/v1/faults" and method == "GET":
+            return 200, {
+                "faults": emu.faults.as_dict(),
+                "instances": {uri: i.faults.as_dict() for uri, i in list(emu.instances.items())},
+            }
+        if path == "/emulator/v1/faults" and method == "POST":
+            if bad_json:
+                return 400, error_body(400, "invalid JSON payload received")
+            switches = dict(body or {})
+            target: Faults = emu.faults
+            uri = switches.pop("instance", None)
+            if uri is not None:
+                if uri not in emu.instances:
+                    return 404, error_body(404, f"instance {uri!r} not found")
+                target = emu.instances[uri].faults
+            try:
+                if switches.pop("clear", False):
+                    target.clear()
+                target.set(**switches)
+            except (TypeError, ValueError) as exc:
+                return 400, error_body(400, str(exc))
+            return 200, target.as_dict()
+        if path == "/emulator/v1/requests" and method == "GET":
+            return 200, {
+                "requests": [dataclasses.asdict(r) for r in list(emu.admin_requests)],
+                "mdx": [
+                    {"instance": uri, **dataclasses.asdict(r)} for uri, r in list(emu.mdx_requests)
+                ],
+            }
+        return 404, error_body(404, f"method {method} {path} not found")
+
     def _authorize(self, token: str) -> None:
         if not token:
-            raise HttpError(401, "Request is missing required authentication credential.")
-        if self.emu.tokens is None:
+            raise HttpError(
+                401,
+                "Request is missing required authentication credential. "
+                "Expected OAuth 2 access token.",
+            )
+        tokens = self.emu.tokens
+        if tokens is None:
             return
-        principal = self.emu.tokens.get(token)
+        principal = tokens.get(token)
         if principal is None:
             raise HttpError(401, "Request had invalid authentication credentials.")
         if not principal.can_connect:
-            raise HttpError(
-                403,
-                f"Permission 'alloydb.clusters.generateClientCertificate' denied for {principal.email}",
-            )
+            raise HttpError(403, f"Permission denied for {principal.email} (or it may not exist).")
 
     def _connection_info(self, name: str) -> dict[str, Any]:
         inst = self.emu.instances.get(name)
         if inst is None:
             raise HttpError(404, f"Resource '{name}' was not found")
-        out: dict[str, Any] = {"name": f"{name}/connectionInfo", "instanceUid": inst.uid}
-        out["ipAddress"] = inst.private_ip
-        if inst.public_ip:
+        faults = (inst.faults, self.emu.faults)
+        out: dict[str, Any] = {
+            "name": f"{name}/connectionInfo",
+            "ipAddress": inst.private_ip,
+            "instanceUid": inst.uid,
+        }
+        if inst.public_ip and not any(f.no_public_ip for f in faults):
             out["publicIpAddress"] = inst.public_ip
-        if inst.psc_dns_name:
+        if inst.psc_dns_name and not any(f.no_psc for f in faults):
             out["pscDnsName"] = inst.psc_dns_name + "."
         return out
 
-    async def _client_certificate(self, cluster: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _client_certificate(
+        self, cluster: str, body: dict[str, Any], scoped: list[Instance]
+    ) -> dict[str, Any]:
         ca = self.emu.clusters.get(cluster)
         if ca is None:
             raise HttpError(404, f"Resource '{cluster}' was not found")
+        parent = body.get("parent")
+        if parent not in (None, "", cluster):
+            raise HttpError(400, f"parent {parent!r} does not match the URL")
         try:
             public_key = load_public_key(str(body.get("publicKey", "")))
         except (ValueError, TypeError) as exc:
-            raise HttpError(400, f"invalid publicKey: {exc}") from None
-        lifetime = _parse_duration(body.get("certDuration"))
-        if self.emu.faults.cert_lifetime is not None:
-            lifetime = dt.timedelta(seconds=self.emu.faults.cert_lifetime)
+            raise HttpError(400, f"invalid public key: {exc}") from None
+        lifetime = parse_duration(body.get("certDuration"))
+        overrides = [i.faults.cert_lifetime for i in scoped] + [self.emu.faults.cert_lifetime]
+        override = next((s for s in overrides if s is not None), None)
+        if override is not None:
+            lifetime = dt.timedelta(seconds=float(override))
+        use_mdx = body.get("useMetadataExchange", False) is True
         leaf = await asyncio.get_running_loop().run_in_executor(
             None, ca.client_certificate, public_key, lifetime
         )
-        self.emu.issued[leaf.serial_number] = bool(body.get("useMetadataExchange", False))
+        self.emu.issued[leaf.serial_number] = use_mdx
         return {"pemCertificateChain": ca.chain_pems(leaf), "caCert": ca.root_pem}

@@ -8,6 +8,7 @@ synchronous program) can start it, point a proxy subprocess at
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import itertools
 import os
@@ -33,6 +34,19 @@ _URI = re.compile(r"^(projects/[^/]+/locations/[^/]+/clusters/[^/]+)/instances/[
 _SECOND_OCTET = 100 + os.getpid() % 100
 _address_counter = itertools.count()
 _address_lock = threading.Lock()
+
+
+_foreign_ca: ClusterCA | None = None
+_foreign_ca_lock = threading.Lock()
+
+
+def foreign_ca() -> ClusterCA:
+    """A CA no client trusts (for the unknown_ca fault); one per process is enough."""
+    global _foreign_ca
+    with _foreign_ca_lock:
+        if _foreign_ca is None:
+            _foreign_ca = ClusterCA("projects/unknown/locations/x/clusters/unknown-ca")
+        return _foreign_ca
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,15 @@ def _dns_label(text: str) -> str:
 
 
 class Emulator:
+    """Admin API plus one mTLS server per instance, in front of one PostgreSQL.
+
+    ``tokens`` maps bearer tokens to principals; ``None`` accepts any token
+    (then the principal is unknown and AUTO_IAM is refused at the exchange).
+    It may be replaced at run time. Logs for tests: ``admin_requests``
+    (AdminRequest), ``mdx_requests`` ((instance URI, MdxRequest)) and
+    ``connections`` ((instance URI, local IP reached) per TLS session).
+    """
+
     def __init__(
         self,
         *,
@@ -89,7 +112,6 @@ class Emulator:
         self.admin_requests: list[AdminRequest] = []
         self.mdx_requests: list[tuple[str, mdx.MdxRequest]] = []
         self.connections: list[tuple[str, str]] = []  # (instance URI, local IP it reached)
-        self._foreign_ca: ClusterCA | None = None
         self._servers: dict[str, InstanceServer] = {}
         self._admin = AdminAPIServer(self)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -105,6 +127,10 @@ class Emulator:
         match = _URI.match(uri)
         if match is None:
             raise ValueError(f"not an instance URI: {uri!r}")
+        if uri in self.instances:
+            raise ValueError(f"instance {uri!r} already exists")
+        if self._thread is not None and threading.current_thread() is self._thread:
+            raise RuntimeError("add_instance must not be called from the emulator's own thread")
         cluster = match.group(1)
         if cluster not in self.clusters:
             self.clusters[cluster] = ClusterCA(cluster)
@@ -120,7 +146,11 @@ class Emulator:
         inst.serve = serve
         self.instances[uri] = inst
         if serve and self._loop is not None:
-            self._call(self._serve_instance(inst))
+            try:
+                self._call(self._serve_instance(inst))
+            except BaseException:
+                del self.instances[uri]
+                raise
         return inst
 
     def server_identity(self, inst: Instance) -> tuple[str, bytes]:
@@ -150,13 +180,18 @@ class Emulator:
             try:
                 loop.run_until_complete(self._start_async())
             except BaseException as exc:
-                ready.set_exception(exc)
+                # Close whatever did start (e.g. the Admin API when an instance failed).
+                loop.run_until_complete(self._stop_async())
                 loop.close()
+                ready.set_exception(exc)
                 return
             ready.set_result(None)
-            loop.run_forever()
-            loop.run_until_complete(self._stop_async())
-            loop.close()
+            try:
+                loop.run_forever()
+                loop.run_until_complete(self._stop_async())
+                loop.run_until_complete(loop.shutdown_default_executor())
+            finally:
+                loop.close()
 
         self._thread = threading.Thread(target=main, name="alloydb-emulator", daemon=True)
         self._thread.start()
@@ -176,13 +211,9 @@ class Emulator:
                 await self._serve_instance(inst)
 
     async def _serve_instance(self, inst: Instance) -> None:
-        if self._foreign_ca is None:
-            self._foreign_ca = await asyncio.get_running_loop().run_in_executor(
-                None, ClusterCA, "projects/unknown/locations/x/clusters/unknown-ca"
-            )
-        server = await asyncio.get_running_loop().run_in_executor(
-            None, InstanceServer, self, inst, self._foreign_ca
-        )
+        loop = asyncio.get_running_loop()
+        other_ca = await loop.run_in_executor(None, foreign_ca)
+        server = await loop.run_in_executor(None, InstanceServer, self, inst, other_ca)
         await server.start()
         self._servers[inst.uri] = server
 
@@ -205,7 +236,8 @@ class Emulator:
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
-        loop.call_soon_threadsafe(loop.stop)
+        with contextlib.suppress(RuntimeError):  # the loop may be closed already
+            loop.call_soon_threadsafe(loop.stop)
         thread.join(30)
         self._loop = None
         self._thread = None

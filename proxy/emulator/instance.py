@@ -1,15 +1,26 @@
 """One emulated instance: a TLS 1.3 mTLS server on port 5433 of its loopback IPs.
 
-Per connection: TLS handshake (client certificate required, verified against
-the cluster root), the metadata exchange when the client certificate was
-issued with ``useMetadataExchange``, then the PostgreSQL front door (``N`` to
-SSLRequest/GSSENCRequest, CancelRequest forwarded, StartupMessage checked
-for AUTO_IAM), then a byte relay to the real PostgreSQL.
+Theory of operation, per connection:
+
+1. TLS 1.3 handshake; a client certificate is required and must chain to the
+   cluster root (the client sends leaf + intermediate). Fault switches can
+   swap in a wrong-SAN or foreign-CA server certificate during the handshake.
+2. Metadata exchange (MDX), when the client certificate was issued with
+   ``useMetadataExchange``: one length-prefixed request in, one response out
+   (in a single write), ERROR closes the connection. For a certificate this
+   emulator did not issue (e.g. static connection info) the first bytes
+   decide: a PostgreSQL packet has byte 4 = 0x00 or 0x04, an MDX request a
+   protobuf tag.
+3. PostgreSQL front door: ``N`` to SSLRequest/GSSENCRequest (we are already
+   inside TLS), CancelRequest forwarded as is, StartupMessage checked against
+   the MDX principal for AUTO_IAM, then forwarded unchanged.
+4. A byte relay to the real PostgreSQL until either side closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
@@ -26,15 +37,17 @@ from proxy.emulator.faults import Faults
 from proxy.emulator.pki import ClusterCA, key_pem, pem
 
 if TYPE_CHECKING:
-    from proxy.emulator.emulator import Emulator
+    from proxy.emulator.emulator import Emulator, Principal
 
 PORT = 5433
 MDX_TIMEOUT = 30.0
+STARTUP_TIMEOUT = 60.0
 SSL_REQUEST = 80877103
 GSSENC_REQUEST = 80877104
 CANCEL_REQUEST = 80877102
 PROTOCOL_3 = 196608
 _MAX_STARTUP = 10000
+_CHUNK = 65536
 
 
 def db_user_for(email: str) -> str:
@@ -44,6 +57,7 @@ def db_user_for(email: str) -> str:
 
 
 def pg_error(message: str, code: str = "28000") -> bytes:
+    """A PostgreSQL ErrorResponse (severity FATAL)."""
     fields = b"".join(
         kind + value.encode() + b"\0"
         for kind, value in ((b"S", "FATAL"), (b"V", "FATAL"), (b"C", code), (b"M", message))
@@ -54,28 +68,59 @@ def pg_error(message: str, code: str = "28000") -> bytes:
 
 @dataclass
 class Instance:
+    """An emulated instance and its addresses; ``faults`` are its own fault switches."""
+
     uri: str
     ca: ClusterCA
     private_ip: str
     public_ip: str = ""
     psc_ip: str = ""
-    psc_dns_name: str = ""
+    psc_dns_name: str = ""  # without the trailing dot
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
     faults: Faults = field(default_factory=Faults)
     serve: bool = True  # False: another server answers on port 5433
+
+    @property
+    def cluster(self) -> str:
+        return self.uri.rsplit("/instances/", 1)[0]
 
     @property
     def ips(self) -> list[str]:
         return [ip for ip in (self.private_ip, self.public_ip, self.psc_ip) if ip]
 
 
+class _Reader:
+    """A StreamReader with push-back, so the first bytes can be sniffed."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self.reader = reader
+        self.pending = b""
+
+    async def readexactly(self, n: int) -> bytes:
+        if len(self.pending) >= n:
+            data, self.pending = self.pending[:n], self.pending[n:]
+            return data
+        data, self.pending = self.pending, b""
+        return data + await self.reader.readexactly(n - len(data))
+
+    async def read(self, n: int) -> bytes:
+        if self.pending:
+            data, self.pending = self.pending[:n], self.pending[n:]
+            return data
+        return await self.reader.read(n)
+
+    def unread(self, data: bytes) -> None:
+        self.pending = data + self.pending
+
+
 class InstanceServer:
-    """Serves one Instance on every one of its addresses."""
+    """Serves one Instance on every one of its addresses (built off the event loop)."""
 
     def __init__(self, emu: Emulator, inst: Instance, other_ca: ClusterCA) -> None:
         self.emu = emu
         self.inst = inst
         self.servers: list[asyncio.base_events.Server] = []
+        self._writers: set[asyncio.StreamWriter] = set()
         self._contexts = self._build_contexts(other_ca)
 
     def _context(self, cert: x509.Certificate, key_bytes: bytes, chain_root: str) -> ssl.SSLContext:
@@ -112,7 +157,8 @@ class InstanceServer:
         def choose_certificate(
             sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext
         ) -> None:
-            # Called during every handshake: swap in a faulty certificate on demand.
+            # Called during every handshake (with or without SNI): swap in a
+            # faulty certificate on demand.
             if self._fault("wrong_san"):
                 sslobj.context = contexts["wrong_san"]
             elif self._fault("unknown_ca"):
@@ -140,6 +186,8 @@ class InstanceServer:
     async def stop(self) -> None:
         for server in self.servers:
             server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
         for server in self.servers:
             await server.wait_closed()
         self.servers.clear()
@@ -151,46 +199,56 @@ class InstanceServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         local_ip = writer.get_extra_info("sockname")[0]
         self.emu.connections.append((self.inst.uri, local_ip))
+        self._writers.add(writer)
+        stream = _Reader(reader)
         pg_writer: asyncio.StreamWriter | None = None
         try:
-            auth_type = mdx.DB_NATIVE
-            principal = None
-            if self._expects_mdx(writer):
-                result = await self._metadata_exchange(reader, writer)
+            auth_type, principal = mdx.DB_NATIVE, None
+            if await self._expects_mdx(stream, writer):
+                result = await self._metadata_exchange(stream, writer)
                 if result is None:
                     return
                 auth_type, principal = result
-            pg_writer = await self._front_door(reader, writer, auth_type, principal)
-        except (
-            ConnectionError,
-            asyncio.IncompleteReadError,
-            TimeoutError,
-            ssl.SSLError,
-            mdx.MdxDecodeError,
-        ):
-            pass
+            pg_writer = await self._front_door(stream, writer, auth_type, principal)
+        except (OSError, EOFError, TimeoutError, mdx.MdxDecodeError):
+            pass  # the peer went away or misbehaved: this connection only
         finally:
+            self._writers.discard(writer)
             if pg_writer is not None:
                 pg_writer.close()
             writer.close()
 
-    def _expects_mdx(self, writer: asyncio.StreamWriter) -> bool:
+    async def _expects_mdx(self, stream: _Reader, writer: asyncio.StreamWriter) -> bool:
         der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-        serial = x509.load_der_x509_certificate(der).serial_number
-        return self.emu.issued.get(serial, False)
+        issued = self.emu.issued.get(x509.load_der_x509_certificate(der).serial_number)
+        if issued is not None:
+            return issued
+        head = await asyncio.wait_for(stream.readexactly(5), MDX_TIMEOUT)
+        stream.unread(head)
+        (length,) = struct.unpack(">I", head[:4])
+        return length < 8 or head[4] not in (0x00, 0x04)
 
     async def _metadata_exchange(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> tuple[int, object] | None:
-        size = mdx.body_length(await asyncio.wait_for(reader.readexactly(4), MDX_TIMEOUT))
-        body = await asyncio.wait_for(reader.readexactly(size), MDX_TIMEOUT)
-        request = mdx.decode_request(body)
+        self, stream: _Reader, writer: asyncio.StreamWriter
+    ) -> tuple[int, Principal | None] | None:
+        header = await asyncio.wait_for(stream.readexactly(mdx.HEADER_SIZE), MDX_TIMEOUT)
+        try:
+            size = mdx.body_length(header)
+        except mdx.MdxDecodeError as exc:
+            await self._mdx_reply(writer, str(exc))
+            return None
+        body = await asyncio.wait_for(stream.readexactly(size), MDX_TIMEOUT)
+        try:
+            request = mdx.decode_request(body)
+        except mdx.MdxDecodeError as exc:
+            await self._mdx_reply(writer, f"invalid metadata exchange request: {exc}")
+            return None
         self.emu.mdx_requests.append((self.inst.uri, request))
         if self._fault("close_during_mdx"):
             writer.transport.abort()
             return None
-        error = self._fault("mdx_error")
         principal = None
+        error = self._fault("mdx_error")
         if not error:
             tokens = self.emu.tokens
             if tokens is not None:
@@ -200,87 +258,123 @@ class InstanceServer:
                 elif not principal.can_connect:
                     error = f"permission denied: {principal.email} lacks alloydb.instances.connect"
             elif request.auth_type == mdx.AUTO_IAM:
-                error = "automatic IAM authentication needs a known token (start the emulator with --token)"
+                error = (
+                    "automatic IAM authentication needs a known token "
+                    "(start the emulator with --token)"
+                )
         if error:
-            writer.write(mdx.encode_response(mdx.MdxResponse(mdx.ERROR, str(error))))
-            await writer.drain()
+            await self._mdx_reply(writer, str(error))
             return None
-        writer.write(mdx.encode_response(mdx.MdxResponse(mdx.OK)))
-        await writer.drain()
+        await self._mdx_reply(writer, None)
         return request.auth_type, principal
+
+    @staticmethod
+    async def _mdx_reply(writer: asyncio.StreamWriter, error: str | None) -> None:
+        # One write, so prefix and body travel in one TLS record (Go reads each once).
+        if error is None:
+            writer.write(mdx.encode_response(mdx.MdxResponse(mdx.OK)))
+        else:
+            writer.write(mdx.encode_response(mdx.MdxResponse(mdx.ERROR, error[:4096])))
+        await writer.drain()
 
     async def _front_door(
         self,
-        reader: asyncio.StreamReader,
+        stream: _Reader,
         writer: asyncio.StreamWriter,
         auth_type: int,
-        principal: object,
+        principal: Principal | None,
     ) -> asyncio.StreamWriter | None:
         emu = self.emu
         while True:
-            header = await reader.readexactly(8)
+            header = await asyncio.wait_for(stream.readexactly(8), STARTUP_TIMEOUT)
             length, code = struct.unpack(">II", header)
             if not 8 <= length <= _MAX_STARTUP:
-                writer.write(pg_error("invalid startup packet length", "08P01"))
+                writer.write(pg_error("invalid length of startup packet", "08P01"))
+                await writer.drain()
                 return None
-            rest = await reader.readexactly(length - 8)
+            rest = await asyncio.wait_for(stream.readexactly(length - 8), STARTUP_TIMEOUT)
             if code in (SSL_REQUEST, GSSENC_REQUEST):
                 writer.write(b"N")  # already inside the connector's TLS
                 continue
             break
         packet = header + rest
-        pg_reader, pg_writer = await asyncio.open_connection(emu.postgres_host, emu.postgres_port)
-        if code == CANCEL_REQUEST:
-            pg_writer.write(packet)
-            await pg_writer.drain()
-            return pg_writer
-        if code != PROTOCOL_3:
-            writer.write(pg_error("unsupported frontend protocol", "08P01"))
-            return pg_writer
-        parts = rest.split(b"\0")
-        params = dict(zip(parts[0::2], parts[1::2], strict=False))
-        user = params.get(b"user", b"").decode("utf-8", "replace")
-        if auth_type == mdx.AUTO_IAM:
-            expected = db_user_for(getattr(principal, "email", ""))
-            if user != expected:
+        if code not in (CANCEL_REQUEST, PROTOCOL_3):
+            writer.write(
+                pg_error(f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}", "0A000")
+            )
+            await writer.drain()
+            return None
+        if code == PROTOCOL_3 and auth_type == mdx.AUTO_IAM:
+            parts = rest.split(b"\0")
+            params = dict(zip(parts[0::2], parts[1::2], strict=False))
+            user = params.get(b"user", b"").decode("utf-8", "replace")
+            if principal is None or user != db_user_for(principal.email):
                 writer.write(pg_error(f'IAM authentication failed for user "{user}"'))
                 await writer.drain()
-                return pg_writer
-        pg_writer.write(packet)
-        await self._relay(reader, writer, pg_reader, pg_writer)
+                return None
+        try:
+            pg_reader, pg_writer = await asyncio.open_connection(
+                emu.postgres_host, emu.postgres_port
+            )
+        except OSError as exc:
+            writer.write(pg_error(f"could not connect to the database server: {exc}", "08006"))
+            await writer.drain()
+            return None
+        pg_writer.write(packet)  # the StartupMessage (or CancelRequest), unchanged
+        await pg_writer.drain()
+        if code == PROTOCOL_3:
+            await self._relay(stream, writer, pg_reader, pg_writer)
         return pg_writer
 
     async def _relay(
         self,
-        reader: asyncio.StreamReader,
+        stream: _Reader,
         writer: asyncio.StreamWriter,
         pg_reader: asyncio.StreamReader,
         pg_writer: asyncio.StreamWriter,
     ) -> None:
         reset_after = self._fault("reset_after_bytes")
+        limit = reset_after if isinstance(reset_after, int) and reset_after > 0 else None
 
         async def client_to_pg() -> None:
-            while data := await reader.read(65536):
+            while data := await stream.read(_CHUNK):
                 pg_writer.write(data)
                 await pg_writer.drain()
             if pg_writer.can_write_eof():
-                pg_writer.write_eof()
+                pg_writer.write_eof()  # pass the client's EOF on; PostgreSQL then closes
 
         async def pg_to_client() -> None:
             sent = 0
-            while data := await pg_reader.read(65536):
-                if isinstance(reset_after, int) and reset_after and sent + len(data) > reset_after:
-                    raw = writer.get_extra_info("socket")
-                    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    writer.transport.abort()
+            while data := await pg_reader.read(_CHUNK):
+                if limit is not None and sent + len(data) >= limit:
+                    writer.write(data[: limit - sent])
+                    await writer.drain()
+                    self._reset(writer)
                     return
                 writer.write(data)
                 sent += len(data)
                 await writer.drain()
 
         upstream = asyncio.ensure_future(client_to_pg())
+        downstream = asyncio.ensure_future(pg_to_client())
         try:
-            await pg_to_client()
+            # Either direction ending ends the session: PostgreSQL closing, or the
+            # client going away (EOF/error) - then nothing more will be read.
+            await asyncio.wait({upstream, downstream}, return_when=asyncio.FIRST_COMPLETED)
+            if upstream.done() and upstream.exception() is None and not downstream.done():
+                # Client half-closed cleanly: let PostgreSQL's last bytes through.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(downstream), 5)
         finally:
-            upstream.cancel()
-            await asyncio.gather(upstream, return_exceptions=True)
+            for task in (upstream, downstream):
+                task.cancel()
+            await asyncio.gather(upstream, downstream, return_exceptions=True)
+
+    @staticmethod
+    def _reset(writer: asyncio.StreamWriter) -> None:
+        """Abort with an RST (SO_LINGER 0) instead of a TLS close_notify/FIN."""
+        raw = writer.get_extra_info("socket")
+        if raw is not None:
+            with contextlib.suppress(OSError):
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()

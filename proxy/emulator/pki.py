@@ -158,6 +158,10 @@ class ClusterCA:
             .sign(self.client_ca_key, hashes.SHA256())
         )
 
+    def sign_public_key_pem(self, public_key_pem: str, lifetime: dt.timedelta) -> list[str]:
+        """``pemCertificateChain`` for a PKCS#1 or SPKI public key PEM."""
+        return self.chain_pems(self.client_certificate(load_public_key(public_key_pem), lifetime))
+
     def chain_pems(self, leaf: x509.Certificate) -> list[str]:
         """``pemCertificateChain``: leaf, intermediate, root; each ends with a newline."""
         return [pem(leaf), pem(self.client_ca), pem(self.root)]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import ipaddress
+import socket
 import types
 
 import pytest
@@ -20,6 +22,29 @@ from ..conftest import DB_NAME, DB_PASSWORD, DB_USER, IAM_DB_USER, TOKEN_APP, TO
 alloydbconnector = pytest.importorskip("google.cloud.alloydbconnector")
 from google.cloud.alloydbconnector.client import AlloyDBClient  # noqa: E402
 from google.oauth2.credentials import Credentials  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch):
+    """Fail loudly if anything resolves a name that is not a loopback address
+    (e.g. an ADC lookup or alloydb.googleapis.com)."""
+    attempts: list[str] = []
+    real = socket.getaddrinfo
+
+    def guarded(host, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        try:
+            allowed = ipaddress.ip_address(name).is_loopback
+        except ValueError:
+            allowed = name == "localhost"
+        if not allowed:
+            attempts.append(name)
+            raise socket.gaierror(f"tests: {name} is not loopback")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", guarded)
+    yield
+    assert attempts == []
 
 
 class RestAdminAdapter:
@@ -74,16 +99,25 @@ def connector_for(emulator, token: str, **kwargs):
     return connector
 
 
-def test_db_native_login(emulator):
-    connector = connector_for(emulator, TOKEN_APP)
+@pytest.mark.parametrize("ip_type", ["PRIVATE", "PUBLIC"])
+def test_db_native_login(emulator, ip_type):
+    connector = connector_for(emulator, TOKEN_APP, ip_type=ip_type)
     try:
         conn = connector.connect(URI, "pg8000", user=DB_USER, password=DB_PASSWORD, db=DB_NAME)
         cursor = conn.cursor()
-        cursor.execute("SELECT current_user")
-        assert cursor.fetchone() == [DB_USER]
+        cursor.execute("SELECT current_user, 1")
+        assert cursor.fetchone() == [DB_USER, 1]
         conn.close()
     finally:
         connector.close()
+    inst = emulator.instances[URI]
+    expected_ip = inst.private_ip if ip_type == "PRIVATE" else inst.public_ip
+    assert emulator.connections[-1] == (URI, expected_ip)
+    paths = {r.path for r in emulator.admin_requests}
+    assert paths == {
+        f"/v1beta/{URI}/connectionInfo",
+        f"/v1beta/{URI.rsplit('/instances/', 1)[0]}:generateClientCertificate",
+    }
     _, request = emulator.mdx_requests[-1]
     assert request.user_agent.startswith("alloydb-python-connector/")
     assert request.auth_type == 1 and request.oauth2_token == TOKEN_APP
@@ -94,8 +128,8 @@ def test_auto_iam_login(emulator):
     try:
         conn = connector.connect(URI, "pg8000", user=IAM_DB_USER, db=DB_NAME)
         cursor = conn.cursor()
-        cursor.execute("SELECT current_user")
-        assert cursor.fetchone() == [IAM_DB_USER]
+        cursor.execute("SELECT current_user, 1")
+        assert cursor.fetchone() == [IAM_DB_USER, 1]
         conn.close()
     finally:
         connector.close()
