@@ -1,0 +1,3 @@
+module benchgoproxy
+
+go 1.19

@@ -1,0 +1,3 @@
+module benchtlsserver
+
+go 1.19

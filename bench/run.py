@@ -1,0 +1,798 @@
+"""Side-by-side data-path benchmark: our proxy vs a Go baseline vs naive Python relays.
+
+    .venv/bin/python bench/run.py [--quick] [--skip pgbench,rss,...]
+
+Starts a throwaway PostgreSQL, the AlloyDB emulator (Admin API only) and, as
+the instance side of every path, the Go TLS server ``baselines/tlsserver`` on
+four emulated instances (one per mode: sink, source, echo, pg). Then it runs
+four relays at once, each with one listener per instance:
+
+    ours            .venv/bin/alloydb-auth-proxy (the Cython splice core)
+    go              baselines/goproxy: the Go proxy's data path (crypto/tls, 8 KiB copy loop)
+    naive-asyncio   baselines/naive_relay.py under asyncio + ssl
+    naive-uvloop    the same under uvloop
+
+and measures them in alternating rounds (the path order rotates every round).
+"direct" (no relay, straight to PostgreSQL) is measured for pgbench and
+connect latency only. Results: ``bench/results/latest.{json,md,png}``.
+Every process this script starts is stopped by PID at the end, also on errors
+and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+sys.path.insert(0, ROOT)
+
+from cryptography.hazmat.primitives import serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
+
+from proxy.emulator import Emulator, PostgresCluster  # noqa: E402
+
+READY_LINE = "The proxy has started successfully and is ready for new connections!"
+VENV_BIN = os.path.dirname(sys.executable)
+OUR_PROXY = os.path.join(VENV_BIN, "alloydb-auth-proxy")
+PYTHON = sys.executable
+BUILD_DIR = os.path.join(BENCH, ".build")
+RESULTS = os.path.join(BENCH, "results")
+CLUSTER = "projects/bench/locations/r/clusters/c"
+MODES = ("sink", "source", "echo", "pg")
+DB_USER, DB_PASSWORD, DB_NAME = "bench", "bench-password", "bench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+RELAYS = ("ours", "go", "naive-asyncio", "naive-uvloop")
+PATHS = ("direct",) + RELAYS
+PORT_BASE = {"ours": 0, "go": 10, "naive-asyncio": 20, "naive-uvloop": 30}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- processes
+
+
+class Procs:
+    """Every child we start, so all of them can be stopped by PID."""
+
+    def __init__(self, logdir: str) -> None:
+        self.logdir = logdir
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        ready: str | None = None,
+        timeout: float = 60.0,
+        env: dict[str, str] | None = None,
+    ) -> tuple[subprocess.Popen[bytes], float]:
+        """Start ``argv``; if ``ready`` is given, wait for that stdout line.
+
+        Returns the process and the seconds from spawn to the ready line.
+        stdout/stderr go to ``logdir/name.log`` (a thread drains stdout).
+        """
+        logf = open(os.path.join(self.logdir, f"{name}.log"), "ab")  # noqa: SIM115
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=logf,
+            env=env,
+            start_new_session=True,  # a terminal's Ctrl-C reaches only us; we stop them
+        )
+        self.procs.append((name, proc))
+        seen = threading.Event()
+        when = [0.0]
+
+        def drain() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if not seen.is_set() and ready and ready in line.decode(errors="replace"):
+                    when[0] = time.perf_counter()
+                    seen.set()
+                logf.write(line)
+                logf.flush()
+            logf.close()
+
+        threading.Thread(target=drain, daemon=True).start()
+        if ready is None:
+            return proc, 0.0
+        deadline = time.monotonic() + timeout
+        while not seen.wait(0.005):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{name} did not become ready (exit {proc.poll()}); see {logf.name}"
+                )
+        return proc, when[0] - t0
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)
+                try:
+                    proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self.procs = [(n, p) for n, p in self.procs if p is not proc]
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(list(self.procs)):
+            self.stop(proc)
+
+
+def tree_pids(pid: int) -> list[int]:
+    """pid and its descendants (the relays are single processes, but be general)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process (all its threads) and its descendants."""
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            with open(f"/proc/{p}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / CLK_TCK
+
+
+def rss_kib(pid: int) -> int:
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            with open(f"/proc/{p}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def go_build() -> dict[str, str]:
+    if shutil.which("go") is None:
+        raise SystemExit(
+            "go not found: apt-get update && apt-get install -y golang-go (Debian's Go 1.19)"
+        )
+    os.makedirs(BUILD_DIR, exist_ok=True)
+    out = {}
+    for name in ("goproxy", "tlsserver"):
+        binary = os.path.join(BUILD_DIR, name)
+        subprocess.run(
+            ["go", "build", "-o", binary, "."],
+            cwd=os.path.join(BENCH, "baselines", name),
+            check=True,
+            env={**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-trimpath"},
+        )
+        out[name] = binary
+    return out
+
+
+def write(path: str, data: str | bytes) -> str:
+    with open(path, "wb") as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def client_certificate(admin_url: str, tmp: str) -> tuple[str, str, str]:
+    """Ask the emulator's Admin API for a client cert, like the proxy does."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pub = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    body = json.dumps(
+        {"publicKey": pub.decode(), "certDuration": "3600s", "useMetadataExchange": True}
+    ).encode()
+    req = urllib.request.Request(
+        f"{admin_url}/v1beta/{CLUSTER}:generateClientCertificate",
+        data=body,
+        headers={"Authorization": "Bearer x", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        answer = json.load(resp)
+    chain = answer["pemCertificateChain"]
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return (
+        write(
+            os.path.join(tmp, "client-chain.pem"), "".join(c.rstrip("\n") + "\n" for c in chain[:2])
+        ),
+        write(os.path.join(tmp, "client-key.pem"), key_pem),
+        write(os.path.join(tmp, "client-ca.pem"), answer["caCert"]),
+    )
+
+
+def free_port_block(n: int = 40) -> int:
+    """A base port with ``n`` free ports after it (best effort)."""
+    for base in range(16000, 60000, 100):
+        ok = True
+        for p in range(base, base + n):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free port block")
+
+
+# ---------------------------------------------------------------- clients
+
+
+def connect(port: int, timeout: float = 60.0) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def recv_exact(s: socket.socket, n: int, buf: bytearray | None = None) -> None:
+    view = memoryview(buf if buf is not None and len(buf) >= n else bytearray(n))
+    got = 0
+    while got < n:
+        k = s.recv_into(view[: n - got] if n - got < len(view) else view)
+        if k == 0:
+            raise ConnectionError(f"EOF after {got} of {n} bytes")
+        got += k
+
+
+def upload(port: int, nbytes: int, pid: int) -> tuple[float, float]:
+    """client -> server through the sink instance; (seconds, relay CPU-s)."""
+    block = memoryview(bytes(range(256)) * 4096)  # 1 MiB
+    with connect(port) as s:
+        s.sendall(struct.pack(">Q", 1) + b"x")  # tunnel up before timing
+        recv_exact(s, 8)
+        cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+        s.sendall(struct.pack(">Q", nbytes))
+        left = nbytes
+        while left:
+            chunk = block if left >= len(block) else block[:left]
+            s.sendall(chunk)
+            left -= len(chunk)
+        recv_exact(s, 8)
+        t1 = time.perf_counter()
+        return t1 - t0, cpu_seconds(pid) - cpu0
+
+
+def download(port: int, nbytes: int, pid: int) -> tuple[float, float]:
+    """server -> client through the source instance; (seconds, relay CPU-s)."""
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    with connect(port) as s:
+        s.sendall(struct.pack(">Q", 1))
+        recv_exact(s, 1)
+        cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+        s.sendall(struct.pack(">Q", nbytes))
+        got = 0
+        while got < nbytes:
+            k = s.recv_into(view)
+            if k == 0:
+                raise ConnectionError(f"EOF after {got} of {nbytes} bytes")
+            got += k
+        t1 = time.perf_counter()
+        return t1 - t0, cpu_seconds(pid) - cpu0
+
+
+def ping(port: int, count: int) -> float:
+    """Median round trip (µs) of a 100-byte message through the echo instance."""
+    msg = b"p" * 100
+    buf = bytearray(100)
+    samples = []
+    with connect(port) as s:
+        for _ in range(200):  # warm-up
+            s.sendall(msg)
+            recv_exact(s, 100, buf)
+        for _ in range(count):
+            t0 = time.perf_counter_ns()
+            s.sendall(msg)
+            recv_exact(s, 100, buf)
+            samples.append(time.perf_counter_ns() - t0)
+    return statistics.median(samples) / 1000.0
+
+
+def pg_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGPASSWORD=DB_PASSWORD, PGSSLMODE="disable", PGCONNECT_TIMEOUT="30")
+    return env
+
+
+def pgbench(port: int, seconds: int, pid: int | None) -> dict[str, float]:
+    cpu0 = cpu_seconds(pid) if pid else 0.0
+    t0 = time.perf_counter()
+    res = subprocess.run(
+        ["pgbench", "-n", "-S", "-c", "8", "-j", "2", "-T", str(seconds),
+         "-h", "127.0.0.1", "-p", str(port), "-U", DB_USER, DB_NAME],
+        capture_output=True, text=True, env=pg_env(), check=False,
+    )  # fmt: skip
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"pgbench failed: {res.stderr.strip()[-500:]}")
+    tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", res.stdout)
+    lat = re.search(r"latency average = ([\d.]+) ms", res.stdout)
+    out = {"tps": float(tps.group(1)) if tps else float("nan")}
+    if lat:
+        out["latency_ms"] = float(lat.group(1))
+    if pid:
+        out["relay_cores_busy"] = (cpu_seconds(pid) - cpu0) / wall
+    return out
+
+
+def connect_to_first_query(port: int, count: int) -> float:
+    """Median ms from connect() to the first query's result (psycopg, password auth)."""
+    import psycopg
+
+    samples = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        with psycopg.connect(
+            host="127.0.0.1", port=port, user=DB_USER, password=DB_PASSWORD,
+            dbname=DB_NAME, sslmode="disable", connect_timeout=30,
+        ) as conn:  # fmt: skip
+            conn.execute("SELECT 1").fetchone()
+            samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1000.0
+
+
+def idle_rss(port: int, pid: int, n: int) -> dict[str, float]:
+    """Open n idle tunnels (each proven by a 1-byte echo); delta RSS per connection."""
+    time.sleep(1.0)
+    before = rss_kib(pid)
+    socks: list[socket.socket] = []
+    try:
+        batch = 100
+        for start in range(0, n, batch):
+            group = [connect(port) for _ in range(min(batch, n - start))]
+            socks.extend(group)
+            for s in group:
+                s.sendall(b"i")
+            for s in group:
+                recv_exact(s, 1)
+        time.sleep(1.0)
+        after = rss_kib(pid)
+    finally:
+        for s in socks:
+            s.close()
+    time.sleep(2.0)  # let the relay tear them down before the next path
+    return {
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "kib_per_conn": (after - before) / n,
+    }
+
+
+# ---------------------------------------------------------------- report
+
+# metric key -> (label, unit, better: "higher"/"lower", target text, check(ours, go) -> bool|None)
+Check = Callable[[float, float], "bool | None"]
+METRICS: list[tuple[str, str, str, str, str, Check | None]] = [
+    ("upload_mbps", "throughput client→server", "MB/s", "higher", "≥ 1.5× Go",
+     lambda o, g: o >= 1.5 * g),
+    ("download_mbps", "throughput server→client", "MB/s", "higher", "≥ 1.5× Go",
+     lambda o, g: o >= 1.5 * g),
+    ("cpu_s_per_gb", "relay CPU-s per GB (both directions)", "s/GB", "lower", "≤ 0.75 and ≤ 0.65× Go",
+     lambda o, g: o <= 0.75 and o <= 0.65 * g),
+    ("upload_cpu_s_per_gb", "  … client→server only", "s/GB", "lower", "", None),
+    ("download_cpu_s_per_gb", "  … server→client only", "s/GB", "lower", "", None),
+    ("ping_us", "100-byte ping RTT (median)", "µs", "lower", "≤ 0.85× Go",
+     lambda o, g: o <= 0.85 * g),
+    ("pgbench_tps", "pgbench -S, 8 clients", "TPS", "higher", "≥ 1.2× Go",
+     lambda o, g: o >= 1.2 * g),
+    ("pgbench_latency_ms", "  … mean latency", "ms", "lower", "", None),
+    ("pgbench_relay_cores", "  … relay cores busy", "cores", "lower", "", None),
+    ("connect_ms", "new connection → first query (warm cert)", "ms", "lower", "≤ 0.8× Go",
+     lambda o, g: o <= 0.8 * g),
+    ("rss_kib_per_conn", "RSS per idle connection (N idle)", "KiB", "lower", "≤ 32 KiB",
+     lambda o, g: o <= 32),
+    ("start_to_ready_ms", "process start → ready (median)", "ms", "lower", "≤ 300 ms",
+     lambda o, g: o <= 300),
+]  # fmt: skip
+
+
+# Start-up is not comparable (the Go baseline reads files, ours resolves credentials and
+# opens listeners in Python), so no ratio is shown for it.
+RATIO_KEYS = {m[0] for m in METRICS} - {"start_to_ready_ms"}
+# Targets that do not depend on the Go number.
+ABSOLUTE_KEYS = {"rss_kib_per_conn", "start_to_ready_ms"}
+
+
+def summarize(samples: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for path, metrics in samples.items():
+        for key, values in metrics.items():
+            if values:
+                out.setdefault(path, {})[key] = statistics.median(values)
+    return out
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "–"
+    if v >= 1000:
+        return f"{v:,.0f}"
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def markdown(summary: dict[str, dict[str, float]], meta: dict[str, Any]) -> str:
+    head = ["metric", "unit"] + list(PATHS) + ["ours / Go", "target", "met?"]
+    lines = [
+        f"Mode: **{meta['mode']}** · {meta['date']} · {meta['rounds']} alternating rounds "
+        f"(medians) · {meta['throughput_mb']} MB per throughput run · "
+        f"{meta['idle_connections']} idle connections · command: `{meta['command']}`",
+        "",
+        "| " + " | ".join(head) + " |",
+        "| " + " | ".join(["---"] * 2 + ["---:"] * (len(PATHS) + 1) + ["---", "---"]) + " |",
+    ]
+    for key, label, unit, _better, target, check in METRICS:
+        values = [summary.get(p, {}).get(key) for p in PATHS]
+        if all(v is None for v in values):
+            continue
+        ours, go = summary.get("ours", {}).get(key), summary.get("go", {}).get(key)
+        ratio = f"{ours / go:.2f}×" if ours is not None and go and key in RATIO_KEYS else "–"
+        met = "–"
+        if check is not None and ours is not None:
+            if go is not None:
+                ok = check(ours, go)
+            elif key in ABSOLUTE_KEYS:
+                ok = check(ours, float("nan"))
+            else:
+                ok = None
+            met = "–" if ok is None else ("yes" if ok else "**no**")
+        label = label.replace("N idle", f"{meta['idle_connections']:,} idle")
+        lines.append(
+            "| "
+            + " | ".join([label, unit] + [fmt(v) for v in values] + [ratio, target, met])
+            + " |"
+        )
+    lines += [
+        "",
+        "Paths: *direct* = pgbench/psycopg straight to PostgreSQL (no relay); *ours* = "
+        "`alloydb-auth-proxy`; *go* = `baselines/goproxy` (Go proxy data path); "
+        "*naive-asyncio* / *naive-uvloop* = `baselines/naive_relay.py`. Every relay dials the same "
+        "Go TLS 1.3 instance server (`baselines/tlsserver`). CPU and RSS are the relay process "
+        "only (/proc/<pid>/stat utime+stime, VmRSS). Start → ready is measured for ours (the "
+        "Go column shows the baseline binary, which reads its certificate from files and "
+        "contacts no API, for reference only).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def chart(summary: dict[str, dict[str, float]], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    keys = [m for m in METRICS if not m[1].startswith("  ")]
+    cols = 3
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows))
+    colors = {"direct": "#999999", "ours": "#1f77b4", "go": "#2ca02c",
+              "naive-asyncio": "#ff7f0e", "naive-uvloop": "#d62728"}  # fmt: skip
+    for ax, (key, label, unit, better, _t, _c) in zip(axes.flat, keys, strict=False):
+        names = [p for p in PATHS if key in summary.get(p, {})]
+        vals = [summary[p][key] for p in names]
+        ax.bar(names, vals, color=[colors[p] for p in names])
+        title = label.strip().replace(" (N idle)", "")
+        ax.set_title(f"{title} ({unit}, {better} is better)", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7, rotation=20)
+        for i, v in enumerate(vals):
+            ax.text(i, v, fmt(v), ha="center", va="bottom", fontsize=7)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="Data-path benchmark: ours vs Go vs naive Python.")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer rounds (~4 min)")
+    ap.add_argument("--rounds", type=int, help="alternating rounds (default 3, quick 2)")
+    ap.add_argument("--mb", type=int, help="MB per throughput run (default 1000, quick 200)")
+    ap.add_argument("--pgbench-seconds", type=int, help="default 15, quick 5")
+    ap.add_argument("--idle", type=int, help="idle connections for RSS (default 2000)")
+    ap.add_argument(
+        "--skip", default="", help="comma list of: throughput,ping,pgbench,connect,rss,startup"
+    )
+    ap.add_argument("--keep-logs", action="store_true", help="keep the temporary log directory")
+    args = ap.parse_args()
+    quick = args.quick
+    rounds = args.rounds or (2 if quick else 3)
+    nbytes = (args.mb or (200 if quick else 1000)) * 1_000_000
+    pgb_seconds = args.pgbench_seconds or (5 if quick else 15)
+    idle_n = args.idle or 2000
+    ping_count = 2000
+    connect_count = 20 if quick else 50
+    startup_runs = 5 if quick else 10
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(soft, min(hard, 65536)) if hard != resource.RLIM_INFINITY else 65536
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # inherited by the relays
+
+    tmp = tempfile.mkdtemp(prefix="alloydb-bench-")
+    procs = Procs(tmp)
+    pg: PostgresCluster | None = None
+    emu: Emulator | None = None
+    interrupted = False
+
+    def on_term(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    samples: dict[str, dict[str, list[float]]] = {p: {} for p in PATHS}
+
+    def add(path: str, key: str, value: float) -> None:
+        samples[path].setdefault(key, []).append(value)
+
+    try:
+        log("building Go programs")
+        bins = go_build()
+        log("starting PostgreSQL")
+        pg = PostgresCluster().start()
+        pg.create_user(DB_USER, DB_PASSWORD)
+        pg.create_database(DB_NAME, owner=DB_USER)
+        log("pgbench -i -s 10")
+        subprocess.run(
+            ["pgbench", "-i", "-q", "-s", "10", "-h", "127.0.0.1", "-p", str(pg.port),
+             "-U", DB_USER, DB_NAME],
+            check=True, env=pg_env(), capture_output=True,
+        )  # fmt: skip
+
+        emu = Emulator(postgres_host=pg.host, postgres_port=pg.port, tokens=None)
+        insts = {m: emu.add_instance(f"{CLUSTER}/instances/{m}", serve=False) for m in MODES}
+        emu.start()
+        log(
+            f"emulator at {emu.admin_url}; instances "
+            + ", ".join(f"{m}={i.private_ip}" for m, i in insts.items())
+        )
+
+        root_ca = write(os.path.join(tmp, "root.pem"), next(iter(insts.values())).ca.root_pem)
+        for m, inst in insts.items():
+            chain, server_key = emu.server_identity(inst)
+            cert_f = write(os.path.join(tmp, f"server-{m}.pem"), chain)
+            skey_f = write(os.path.join(tmp, f"server-{m}.key"), server_key)
+            argv = [bins["tlsserver"], "-listen", f"{inst.private_ip}:5433", "-cert", cert_f,
+                    "-key", skey_f, "-ca", root_ca, "-mode", m, "-pg", f"{pg.host}:{pg.port}"]  # fmt: skip
+            procs.start(f"tlsserver-{m}", argv, ready="READY")
+
+        chain_f, key_f, ca_f = client_certificate(emu.admin_url, tmp)
+        base = free_port_block(40)
+        ports = {r: {m: base + PORT_BASE[r] + i for i, m in enumerate(MODES)} for r in RELAYS}
+        routes = {
+            r: [f"127.0.0.1:{ports[r][m]}={insts[m].private_ip}" for m in MODES] for r in RELAYS
+        }
+
+        relay_pid: dict[str, int] = {}
+        uris = [insts[m].uri for m in MODES]
+        p, _ = procs.start("ours", [OUR_PROXY, *uris, "--port", str(ports["ours"]["sink"]),
+                                    "--token", "bench-token", "--alloydbadmin-api-endpoint",
+                                    emu.admin_url], ready=READY_LINE)  # fmt: skip
+        relay_pid["ours"] = p.pid
+        goargs = [bins["goproxy"], "-cert", chain_f, "-key", key_f, "-ca", ca_f]
+        for r in routes["go"]:
+            goargs += ["-route", r]
+        p, _ = procs.start("go", goargs, ready=READY_LINE)
+        relay_pid["go"] = p.pid
+        for loop in ("asyncio", "uvloop"):
+            argv = [PYTHON, os.path.join(BENCH, "baselines", "naive_relay.py"), "--cert", chain_f,
+                    "--key", key_f, "--ca", ca_f, "--loop", loop]  # fmt: skip
+            for r in routes[f"naive-{loop}"]:
+                argv += ["--route", r]
+            p, _ = procs.start(f"naive-{loop}", argv, ready=READY_LINE)
+            relay_pid[f"naive-{loop}"] = p.pid
+
+        log("warming up every listener (certificates, connection info)")
+        for r in RELAYS:
+            for m in MODES:
+                if m == "echo":
+                    ping(ports[r][m], 10)
+                elif m == "sink":
+                    upload(ports[r][m], 1 << 20, relay_pid[r])
+                elif m == "source":
+                    download(ports[r][m], 1 << 20, relay_pid[r])
+                else:
+                    connect_to_first_query(ports[r][m], 1)
+
+        def order(k: int, paths: tuple[str, ...]) -> list[str]:
+            return list(paths[k % len(paths) :] + paths[: k % len(paths)])
+
+        cpu_total: dict[str, list[float]] = {r: [0.0, 0.0] for r in RELAYS}  # cpu, bytes
+        if "throughput" not in skip or "ping" not in skip:
+            for k in range(rounds):
+                for r in order(k, RELAYS):
+                    if "throughput" not in skip:
+                        secs, cpu = upload(ports[r]["sink"], nbytes, relay_pid[r])
+                        add(r, "upload_mbps", nbytes / secs / 1e6)
+                        add(r, "upload_cpu_s_per_gb", cpu / (nbytes / 1e9))
+                        secs2, cpu2 = download(ports[r]["source"], nbytes, relay_pid[r])
+                        add(r, "download_mbps", nbytes / secs2 / 1e6)
+                        add(r, "download_cpu_s_per_gb", cpu2 / (nbytes / 1e9))
+                        cpu_total[r][0] += cpu + cpu2
+                        cpu_total[r][1] += 2 * nbytes
+                        log(f"round {k + 1} {r:14s} up {nbytes / secs / 1e6:7.0f} MB/s "
+                            f"({cpu / (nbytes / 1e9):.2f} CPU-s/GB)  down {nbytes / secs2 / 1e6:7.0f} MB/s "
+                            f"({cpu2 / (nbytes / 1e9):.2f} CPU-s/GB)")  # fmt: skip
+                    if "ping" not in skip:
+                        us = ping(ports[r]["echo"], ping_count)
+                        add(r, "ping_us", us)
+                        log(f"round {k + 1} {r:14s} ping {us:.0f} µs")
+        for r in RELAYS:
+            if cpu_total[r][1]:
+                samples[r]["cpu_s_per_gb"] = [cpu_total[r][0] / (cpu_total[r][1] / 1e9)]
+
+        pg_ports = {"direct": pg.port, **{r: ports[r]["pg"] for r in RELAYS}}
+        if "pgbench" not in skip:
+            for k in range(rounds if not quick else 1):
+                for path in order(k, PATHS):
+                    res = pgbench(pg_ports[path], pgb_seconds, relay_pid.get(path))
+                    add(path, "pgbench_tps", res["tps"])
+                    if "latency_ms" in res:
+                        add(path, "pgbench_latency_ms", res["latency_ms"])
+                    if "relay_cores_busy" in res:
+                        add(path, "pgbench_relay_cores", res["relay_cores_busy"])
+                    log(f"round {k + 1} {path:14s} pgbench {res['tps']:8.0f} TPS")
+
+        if "connect" not in skip:
+            for k in range(rounds):
+                for path in order(k, PATHS):
+                    ms = connect_to_first_query(pg_ports[path], connect_count)
+                    add(path, "connect_ms", ms)
+                    log(f"round {k + 1} {path:14s} connect→first query {ms:.2f} ms")
+
+        if "rss" not in skip:
+            for r in RELAYS:
+                res = idle_rss(ports[r]["echo"], relay_pid[r], idle_n)
+                add(r, "rss_kib_per_conn", res["kib_per_conn"])
+                log(f"{r:14s} idle RSS {res['rss_before_kib']} → {res['rss_after_kib']} KiB: "
+                    f"{res['kib_per_conn']:.1f} KiB/conn")  # fmt: skip
+
+        if "startup" not in skip:
+            sport = free_port_block(2)
+            for _ in range(startup_runs):
+                for name in ("ours", "go"):
+                    if name == "ours":
+                        argv = [OUR_PROXY, insts["echo"].uri, "--port", str(sport), "--token",
+                                "bench-token", "--alloydbadmin-api-endpoint", emu.admin_url]  # fmt: skip
+                    else:
+                        argv = goargs[:7] + [
+                            "-route",
+                            f"127.0.0.1:{sport}={insts['echo'].private_ip}",
+                        ]
+                    p, secs = procs.start(f"startup-{name}", argv, ready=READY_LINE)
+                    procs.stop(p)
+                    add(name, "start_to_ready_ms", secs * 1000)
+            log(
+                "start → ready: ours "
+                + ", ".join(f"{v:.0f}" for v in samples["ours"]["start_to_ready_ms"])
+                + " ms"
+            )
+
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted; stopping everything")
+    finally:
+        procs.stop_all()
+        if emu is not None:
+            emu.stop()
+        if pg is not None:
+            pg.stop()
+        if args.keep_logs:
+            log(f"logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if interrupted:
+        return 130
+
+    summary = summarize(samples)
+    meta = {
+        "mode": "quick" if quick else "full",
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join([".venv/bin/python", "bench/run.py", *sys.argv[1:]]),
+        "rounds": rounds,
+        "throughput_mb": nbytes // 1_000_000,
+        "pgbench": f"pgbench -n -S -c 8 -j 2 -T {pgb_seconds} (scale 10)",
+        "ping_count": ping_count,
+        "connect_count": connect_count,
+        "idle_connections": idle_n,
+        "startup_runs": startup_runs,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "go": subprocess.run(["go", "version"], capture_output=True, text=True).stdout.strip(),
+        },
+    }
+    ratios = {}
+    for key, _l, _u, _b, target, check in METRICS:
+        ours, go = summary.get("ours", {}).get(key), summary.get("go", {}).get(key)
+        entry: dict[str, Any] = {"target": target}
+        if ours is not None and go and key in RATIO_KEYS:
+            entry["ours_over_go"] = ours / go
+        if check is not None and ours is not None and go is not None:
+            entry["met"] = bool(check(ours, go))
+        ratios[key] = entry
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "latest.json"), "w") as fh:
+        json.dump(
+            {"meta": meta, "summary": summary, "targets": ratios, "samples": samples}, fh, indent=2
+        )
+    md = markdown(summary, meta)
+    with open(os.path.join(RESULTS, "latest.md"), "w") as fh:
+        fh.write(md)
+    png = os.path.join(RESULTS, "latest.png")
+    if chart(summary, png):
+        log(f"chart: {png}")
+    else:
+        log("matplotlib not importable; no chart")
+    print()
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
