@@ -18,7 +18,7 @@ extensions = [
     Extension(
         "proxy._splice",
         ["proxy/_splice.pyx"],
-        libraries=["ssl", "crypto"],
+        libraries=["ssl", "crypto", "pthread"],
         extra_compile_args=compile_args,
     )
 ]

@@ -5,14 +5,15 @@
 # TLSConnection     one non-blocking SSL on a connected socket fd; used from
 #                   Python (through proxy/tlsconn.py) for the handshake and the
 #                   metadata exchange, then handed to a Splice.
-# Splice            moves bytes between a plain client fd and a TLSConnection
-#                   from event-loop readiness callbacks: one malloc'ed buffer per
-#                   direction, no Python object per chunk, backpressure by
-#                   dropping read interest while the other side is full.
+# Splice            moves bytes between a plain client fd and a TLSConnection on
+#                   the data-plane thread (native, no GIL): edge-triggered epoll,
+#                   a shared scratch buffer per direction, heap memory only for
+#                   bytes a slow peer has not taken, no Python object per chunk.
 #
 # Ownership: a TLSConnection owns its fd and SSL* and frees them once (close()
-# or __dealloc__). A Splice owns the client fd and the TLSConnection from
-# construction on, and closes both exactly once, before on_done runs.
+# or __dealloc__). A Splice takes the client fd and the TLSConnection's fd and
+# SSL* at construction; the thread closes all of them exactly once, before
+# on_done runs on the loop.
 
 cdef extern from "openssl/ssl.h" nogil:
     ctypedef struct SSL_CTX
@@ -38,26 +39,46 @@ cdef class TLSConnection:
     cdef _check_open(self)
 
 
+# One spliced connection, owned by the data-plane thread from Splice.start
+# until its completion is delivered; see _splice.pyx for the thread.
+ctypedef struct conn_t:
+    int cfd
+    int sfd
+    SSL *ssl
+    # Readiness as last reported by epoll, cleared when a call hits EAGAIN.
+    bint c_readable, c_writable, s_readable, s_writable
+    bint c_hup                   # the client's FIN or an error was reported
+    # Bytes read but not yet taken by the other side (NULL when none).
+    char *c2s
+    int c2s_len, c2s_off
+    char *s2c
+    int s2c_len, s2c_off
+    int write_wants              # what a pending SSL_write waits for (0, 1 read, 2 write)
+    int read_wants               # what SSL_read waits for
+    bint client_eof, server_eof, close_notify_sent, client_first, finished
+    bint queued                  # on the thread's ready list
+    int kind
+    char message[200]
+    unsigned long long bytes_c2s, bytes_s2c
+    long long linger_ns
+    long long linger_deadline    # 0 while not lingering
+    conn_t *ready_next
+    conn_t *linger_prev
+    conn_t *linger_next
+    conn_t *done_next
+    conn_t *abort_next
+    void *owner                  # the Splice (a held reference) until delivery
+    # Shared with the Python side under the plane's lock:
+    bint abort_pending           # on the abort list, not yet processed
+    bint orphaned                # delivered: the thread frees it after the abort
+
+
 cdef class Splice:
-    cdef int client_fd
-    cdef TLSConnection conn
+    cdef conn_t *c
     cdef object on_done
     cdef object loop
-    cdef double linger
-    cdef object linger_handle
-    cdef char *c2s          # client -> instance bytes not yet written
-    cdef char *s2c          # instance -> client bytes not yet written
-    cdef Py_ssize_t c2s_len, c2s_off, s2c_len, s2c_off
-    cdef bint client_eof, server_eof, close_notify_sent, finished, started
-    cdef bint client_first          # the client ended first: CLIENT_CLOSED
-    cdef int write_wants            # what a pending SSL_write waits for (0, 1 read, 2 write)
-    cdef int read_wants             # what SSL_read waits for
-    cdef bint reg_client_r, reg_client_w, reg_server_r, reg_server_w
-    cdef bint pump_scheduled
-    cdef readonly unsigned long long bytes_client_to_server
-    cdef readonly unsigned long long bytes_server_to_client
+    cdef bint started, delivered
+    cdef unsigned long long final_c2s, final_s2c
 
-    cdef void _pump(self)
-    cdef void _update_interest(self)
-    cdef void _finish(self, int kind, str message)
-    cdef str _ssl_failure(self, int err)
+    cdef _deliver(self)
+    cdef void _release(self) noexcept

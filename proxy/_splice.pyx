@@ -8,7 +8,7 @@ only (context creation, handshake, metadata exchange, start, end); bytes move
 in C between two fixed buffers. See _splice.pxd for the design and ownership.
 """
 
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport strerror
 from libc.errno cimport errno, EAGAIN, EINTR
 
@@ -118,26 +118,38 @@ cdef extern from "openssl/ssl.h" nogil:
         SSL_MODE_ENABLE_PARTIAL_WRITE
         SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
         SSL_MODE_RELEASE_BUFFERS
+        SSL_MODE_AUTO_RETRY
         SSL_OP_IGNORE_UNEXPECTED_EOF
+    void SSL_CTX_set_read_ahead(SSL_CTX *ctx, int yes)
+    void SSL_CTX_set_default_read_buffer_len(SSL_CTX *ctx, size_t len)
 
-# What Splice.on_done reports.
-CLIENT_CLOSED = 0
-INSTANCE_CLOSED = 1
-ERROR_READ_CLIENT = 2
-ERROR_WRITE_INSTANCE = 3
-ERROR_READ_INSTANCE = 4
-ERROR_WRITE_CLIENT = 5
-ABORTED = 6
+# What Splice.on_done reports (C names for the thread, Python names for users).
+cdef enum:
+    C_CLIENT_CLOSED = 0
+    C_INSTANCE_CLOSED = 1
+    C_ERROR_READ_CLIENT = 2
+    C_ERROR_WRITE_INSTANCE = 3
+    C_ERROR_READ_INSTANCE = 4
+    C_ERROR_WRITE_CLIENT = 5
+    C_ABORTED = 6
+    # What a TLS call waits for.
+    C_WANT_READ = 1
+    C_WANT_WRITE = 2
+
+CLIENT_CLOSED = C_CLIENT_CLOSED
+INSTANCE_CLOSED = C_INSTANCE_CLOSED
+ERROR_READ_CLIENT = C_ERROR_READ_CLIENT
+ERROR_WRITE_INSTANCE = C_ERROR_WRITE_INSTANCE
+ERROR_READ_INSTANCE = C_ERROR_READ_INSTANCE
+ERROR_WRITE_CLIENT = C_ERROR_WRITE_CLIENT
+ABORTED = C_ABORTED
 
 # Returned by TLSConnection methods while waiting for the socket.
-WANT_READ = 1
-WANT_WRITE = 2
+WANT_READ = C_WANT_READ
+WANT_WRITE = C_WANT_WRITE
 
 # One TLS record of plaintext per SSL_read; writes of this size fill records.
 DEF BUFFER_SIZE = 16384
-# Work done per wakeup before yielding to the loop, so one busy connection
-# cannot starve the others.
-DEF PUMP_ROUNDS = 32
 
 cdef unsigned long long _active = 0
 cdef unsigned long long _total = 0
@@ -193,8 +205,14 @@ cdef class TLSClientContext:
             ctx,
             SSL_MODE_ENABLE_PARTIAL_WRITE
             | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
-            | SSL_MODE_RELEASE_BUFFERS,
+            | SSL_MODE_RELEASE_BUFFERS
+            # The data plane counts on SSL_read returning WANT_READ only when
+            # the socket is drained (edge-triggered readiness).
+            | SSL_MODE_AUTO_RETRY,
         )
+        # Fetch several records per recv(); released again when idle.
+        SSL_CTX_set_read_ahead(ctx, 1)
+        SSL_CTX_set_default_read_buffer_len(ctx, 65536 + 1024)
         # A peer that drops TCP without close_notify has still finished: the
         # PostgreSQL protocol frames its own messages, as Go treats io.EOF.
         SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF)
@@ -417,282 +435,714 @@ cdef class TLSConnection:
         self._close()
 
 
+# ---------------------------------------------------------------------------
+# The data plane: one native thread that splices every connection.
+#
+# Python hands over an established connection (client fd, SSL*, instance fd)
+# and gets it back once, finished, through a completion queue and an eventfd
+# that the event loop watches. In between, no Python code and no GIL are
+# involved: the thread waits in epoll (edge-triggered, registered once per
+# fd, never modified), remembers which fds are readable or writable, and
+# only calls read/write/SSL_* where that can make progress.
+#
+# Bytes move through one per-thread scratch buffer. A connection owns heap
+# memory only while a peer is not keeping up (the unwritten rest of one
+# scratch buffer), so an idle connection costs its SSL object and this
+# struct; OpenSSL's own record buffers are released when idle too.
+# ---------------------------------------------------------------------------
+
+cdef extern from "sys/epoll.h" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        unsigned long long u64
+    cdef struct epoll_event:
+        unsigned int events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+    enum: EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLLIN, EPOLLOUT, EPOLLRDHUP, EPOLLERR, EPOLLHUP
+    unsigned int EPOLLET
+
+cdef extern from "sys/eventfd.h" nogil:
+    int eventfd(unsigned int initval, int flags)
+    enum: EFD_CLOEXEC, EFD_NONBLOCK
+
+cdef extern from "pthread.h" nogil:
+    ctypedef unsigned long pthread_t
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_create(pthread_t *thread, void *attr, void *(*start)(void *) noexcept nogil, void *arg)
+    int pthread_detach(pthread_t thread)
+    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+
+cdef extern from "signal.h" nogil:
+    ctypedef struct sigset_t:
+        pass
+    int sigfillset(sigset_t *s)
+    int pthread_sigmask(int how, const sigset_t *s, sigset_t *old)
+    enum: SIG_BLOCK
+
+cdef extern from "time.h" nogil:
+    cdef struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *ts)
+    enum: CLOCK_MONOTONIC
+
+cdef extern from "sys/socket.h" nogil:
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    enum: MSG_NOSIGNAL
+
+cdef extern from "string.h" nogil:
+    void *memcpy(void *dst, const void *src, size_t n)
+    size_t strlen(const char *s)
+    char *strncpy(char *dst, const char *src, size_t n)
+
+cdef extern from "openssl/ssl.h" nogil:
+    int SSL_has_pending(const SSL *s)
+
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+
+# Plaintext per read or write call: four TLS records. One scratch buffer of
+# this size per direction serves every connection of the thread.
+DEF SCRATCH = 65536
+# Rounds per connection per wakeup before the others get a turn.
+DEF PUMP_ROUNDS = 16
+DEF MAX_EVENTS = 256
+DEF MESSAGE = 200
+# epoll tags: the low bits of the (8-byte aligned) connection pointer.
+DEF SIDE_CLIENT = 0
+DEF SIDE_INSTANCE = 1
+DEF SIDE_WAKE = 2
+
+
+ctypedef struct plane_t:
+    int epfd
+    int wake_fd                  # Python -> thread (aborts)
+    int done_fd                  # thread -> Python (completions)
+    bint running
+    pthread_mutex_t lock
+    conn_t *aborts               # under lock
+    conn_t *done_head            # under lock, delivered in order
+    conn_t *done_tail
+    conn_t *ready                # thread only
+    conn_t *lingering            # thread only
+    char *scratch_in
+    char *scratch_out
+
+
+cdef plane_t _plane
+_plane.epfd = -1
+
+
+cdef long long _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec * 1000000000LL + ts.tv_nsec
+
+
+cdef void _set_message_errno(conn_t *c, int err) noexcept nogil:
+    cdef const char *text = strerror(err)
+    cdef int i = 0
+    cdef char ch
+    # errno texts are ASCII; lower-cased like Go's syscall errors.
+    while text[i] != 0 and i < MESSAGE - 1:
+        ch = text[i]
+        c.message[i] = ch + 32 if 65 <= ch <= 90 else ch
+        i += 1
+    c.message[i] = 0
+
+
+cdef void _set_message_ssl(conn_t *c, int err, int saved_errno) noexcept nogil:
+    cdef unsigned long code
+    if err == SSL_ERROR_SYSCALL and saved_errno:
+        _set_message_errno(c, saved_errno)
+        ERR_clear_error()
+        return
+    code = ERR_get_error()
+    ERR_clear_error()
+    if code == 0:
+        strncpy(c.message, "TLS failure", MESSAGE)
+    else:
+        ERR_error_string_n(code, c.message, MESSAGE)
+
+
+cdef void _finish(conn_t *c, int kind) noexcept nogil:
+    """Close both sides once; the completion is queued by the caller's batch."""
+    cdef char drain[4096]
+    cdef int i
+    if c.finished:
+        return
+    c.finished = True
+    c.kind = kind
+    if kind == C_INSTANCE_CLOSED or kind == C_CLIENT_CLOSED:
+        # Half-close first and drop unread client input, so closing does not
+        # turn into a RST that could discard bytes the client has not read.
+        shutdown(c.cfd, SHUT_WR)
+        for i in range(16):  # bounded: a client that keeps sending gets the RST
+            if read(c.cfd, drain, sizeof(drain)) <= 0:
+                break
+    close(c.cfd)  # closing removes the fds from epoll
+    SSL_free(c.ssl)
+    c.ssl = NULL
+    close(c.sfd)
+    free(c.c2s)
+    free(c.s2c)
+    c.c2s = c.s2c = NULL
+    if c.linger_deadline:
+        _linger_remove(c)
+
+
+cdef void _linger_add(conn_t *c, long long now) noexcept nogil:
+    c.linger_deadline = now + c.linger_ns
+    c.linger_prev = NULL
+    c.linger_next = _plane.lingering
+    if _plane.lingering != NULL:
+        _plane.lingering.linger_prev = c
+    _plane.lingering = c
+
+
+cdef void _linger_remove(conn_t *c) noexcept nogil:
+    if c.linger_prev != NULL:
+        c.linger_prev.linger_next = c.linger_next
+    else:
+        _plane.lingering = c.linger_next
+    if c.linger_next != NULL:
+        c.linger_next.linger_prev = c.linger_prev
+    c.linger_deadline = 0
+    c.linger_prev = c.linger_next = NULL
+
+
+cdef int _ssl_write(conn_t *c, char *data, int n) noexcept nogil:
+    """Write n plaintext bytes; keep what the instance cannot take yet.
+
+    Returns 1 on progress, 0 if nothing could be written, -1 when finished.
+    A retry after WANT_* passes the same bytes from c.c2s, which OpenSSL
+    accepts with SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER.
+    """
+    global _bytes_c2s
+    cdef int off = 0, ret, err, saved
+    while off < n:
+        ERR_clear_error()
+        ret = SSL_write(c.ssl, data + off, n - off)
+        if ret > 0:
+            off += ret
+            c.bytes_c2s += ret
+            _bytes_c2s += ret
+            c.write_wants = 0
+            continue
+        saved = errno
+        err = SSL_get_error(c.ssl, ret)
+        if err == SSL_ERROR_WANT_WRITE:
+            c.write_wants = C_WANT_WRITE
+            c.s_writable = False
+        elif err == SSL_ERROR_WANT_READ:
+            c.write_wants = C_WANT_READ
+            c.s_readable = False
+        else:
+            _set_message_ssl(c, err, saved)
+            _finish(c, C_ERROR_WRITE_INSTANCE)
+            return -1
+        break
+    if data == c.c2s:
+        c.c2s_off = c.c2s_len - (n - off)
+        if c.c2s_off == c.c2s_len:
+            free(c.c2s)
+            c.c2s = NULL
+            c.c2s_len = c.c2s_off = 0
+    elif off < n:
+        c.c2s = <char *>malloc(n - off)
+        if c.c2s == NULL:
+            strncpy(c.message, "out of memory", MESSAGE)
+            _finish(c, C_ABORTED)
+            return -1
+        memcpy(c.c2s, data + off, n - off)
+        c.c2s_len = n - off
+        c.c2s_off = 0
+    return 1 if off > 0 else 0
+
+
+cdef int _client_write(conn_t *c, char *data, int n) noexcept nogil:
+    """Like _ssl_write, toward the client socket (no signal on a closed peer)."""
+    global _bytes_s2c
+    cdef int off = 0
+    cdef ssize_t ret
+    while off < n:
+        ret = send(c.cfd, data + off, n - off, MSG_NOSIGNAL)
+        if ret > 0:
+            off += ret
+            c.bytes_s2c += ret
+            _bytes_s2c += ret
+            continue
+        if ret < 0 and _transient(errno):
+            c.c_writable = False
+            break
+        _set_message_errno(c, errno)
+        _finish(c, C_ERROR_WRITE_CLIENT)
+        return -1
+    if data == c.s2c:
+        c.s2c_off = c.s2c_len - (n - off)
+        if c.s2c_off == c.s2c_len:
+            free(c.s2c)
+            c.s2c = NULL
+            c.s2c_len = c.s2c_off = 0
+    elif off < n:
+        c.s2c = <char *>malloc(n - off)
+        if c.s2c == NULL:
+            strncpy(c.message, "out of memory", MESSAGE)
+            _finish(c, C_ABORTED)
+            return -1
+        memcpy(c.s2c, data + off, n - off)
+        c.s2c_len = n - off
+        c.s2c_off = 0
+    return 1 if off > 0 else 0
+
+
+cdef bint _pump_once(conn_t *c) noexcept nogil:
+    """One round in each direction; True if anything moved."""
+    cdef bint progress = False, can
+    cdef ssize_t n
+    cdef int ret, err, saved, total
+    cdef char *buf
+
+    # client -> instance
+    if c.c2s != NULL:
+        can = c.s_readable if c.write_wants == C_WANT_READ else c.s_writable
+        if can:
+            ret = _ssl_write(c, c.c2s + c.c2s_off, c.c2s_len - c.c2s_off)
+            if ret < 0:
+                return False
+            progress = ret > 0 or progress
+    elif not c.client_eof and c.c_readable:
+        buf = _plane.scratch_in
+        n = read(c.cfd, buf, SCRATCH)
+        if n > 0:
+            if n < SCRATCH and not c.c_hup:
+                # A short read emptied the socket; more data (or the FIN)
+                # brings a new edge. A FIN seen already brings none: read on.
+                c.c_readable = False
+            if _ssl_write(c, buf, <int>n) < 0:
+                return False
+            progress = True
+        elif n == 0:
+            c.client_eof = True
+            if not c.server_eof:
+                c.client_first = True
+            progress = True
+        elif _transient(errno):
+            c.c_readable = False
+        else:
+            _set_message_errno(c, errno)
+            _finish(c, C_ERROR_READ_CLIENT)
+            return False
+
+    # the client has finished and everything it sent is delivered
+    if c.client_eof and c.c2s == NULL and not c.close_notify_sent:
+        c.close_notify_sent = True
+        if c.server_eof:
+            _finish(c, C_CLIENT_CLOSED if c.client_first else C_INSTANCE_CLOSED)
+            return False
+        ERR_clear_error()
+        SSL_shutdown(c.ssl)  # best effort: one close_notify record
+        ERR_clear_error()
+        shutdown(c.sfd, SHUT_WR)
+        if c.linger_ns > 0:
+            _linger_add(c, _now_ns())
+        progress = True
+
+    # instance -> client
+    if c.s2c != NULL:
+        if c.c_writable:
+            ret = _client_write(c, c.s2c + c.s2c_off, c.s2c_len - c.s2c_off)
+            if ret < 0:
+                return False
+            progress = ret > 0 or progress
+    elif not c.server_eof:
+        if c.read_wants == C_WANT_WRITE:
+            can = c.s_writable
+        else:
+            can = c.s_readable or SSL_has_pending(c.ssl)
+        if can:
+            buf = _plane.scratch_out
+            total = 0
+            # Gather several records (read-ahead keeps them in OpenSSL's
+            # buffer) into one write to the client.
+            while total <= SCRATCH - BUFFER_SIZE:
+                ERR_clear_error()
+                ret = SSL_read(c.ssl, buf + total, SCRATCH - total)
+                if ret > 0:
+                    total += ret
+                    c.read_wants = 0
+                    continue
+                saved = errno
+                err = SSL_get_error(c.ssl, ret)
+                if err == SSL_ERROR_WANT_READ:
+                    c.read_wants = C_WANT_READ
+                    c.s_readable = False
+                elif err == SSL_ERROR_WANT_WRITE:
+                    c.read_wants = C_WANT_WRITE
+                    c.s_writable = False
+                elif err == SSL_ERROR_ZERO_RETURN or (err == SSL_ERROR_SYSCALL and saved == 0):
+                    c.server_eof = True
+                    c.read_wants = 0
+                    progress = True
+                else:
+                    _set_message_ssl(c, err, saved)
+                    _finish(c, C_ERROR_READ_INSTANCE)
+                    return False
+                break
+            if total > 0:
+                progress = True
+                if _client_write(c, buf, total) < 0:
+                    return False
+
+    # the instance has finished and the client has all its bytes
+    if c.server_eof and c.s2c == NULL:
+        _finish(c, C_CLIENT_CLOSED if c.client_first else C_INSTANCE_CLOSED)
+        return False
+    return progress
+
+
+cdef void _pump(conn_t *c, conn_t **again) noexcept nogil:
+    cdef int rounds = 0
+    while not c.finished and rounds < PUMP_ROUNDS:
+        rounds += 1
+        if not _pump_once(c):
+            return
+    if not c.finished and not c.queued:
+        # Out of rounds with work left: continue after the others had a turn.
+        c.queued = True
+        c.ready_next = again[0]
+        again[0] = c
+
+
+cdef void _push_done(conn_t *done) noexcept nogil:
+    cdef conn_t *c
+    cdef unsigned long long one = 1
+    if done == NULL:
+        return
+    pthread_mutex_lock(&_plane.lock)
+    while done != NULL:
+        c = done
+        done = c.done_next
+        c.done_next = NULL
+        if _plane.done_tail != NULL:
+            _plane.done_tail.done_next = c
+        else:
+            _plane.done_head = c
+        _plane.done_tail = c
+    pthread_mutex_unlock(&_plane.lock)
+    write(_plane.done_fd, &one, sizeof(one))
+
+
+cdef void *_plane_main(void *arg) noexcept nogil:
+    cdef epoll_event events[MAX_EVENTS]
+    cdef sigset_t all_signals
+    cdef int n, i, timeout
+    cdef unsigned int ev
+    cdef unsigned long long tag, counter
+    cdef conn_t *c
+    cdef conn_t *ready
+    cdef conn_t *again = NULL
+    cdef conn_t *done
+    cdef conn_t *aborts
+    cdef conn_t *next_c
+    cdef long long now, soonest
+    # Signals belong to Python's main thread.
+    sigfillset(&all_signals)
+    pthread_sigmask(SIG_BLOCK, &all_signals, NULL)
+    while True:
+        timeout = -1
+        if again != NULL:
+            timeout = 0
+        elif _plane.lingering != NULL:
+            soonest = _plane.lingering.linger_deadline
+            c = _plane.lingering.linger_next
+            while c != NULL:
+                if c.linger_deadline < soonest:
+                    soonest = c.linger_deadline
+                c = c.linger_next
+            now = _now_ns()
+            timeout = 0 if soonest <= now else <int>((soonest - now) // 1000000 + 1)
+        n = epoll_wait(_plane.epfd, events, MAX_EVENTS, timeout)
+        if n < 0:
+            n = 0  # EINTR
+        ready = again
+        again = NULL
+        done = NULL
+        for i in range(n):
+            tag = events[i].data.u64
+            ev = events[i].events
+            if tag == SIDE_WAKE:
+                read(_plane.wake_fd, &counter, sizeof(counter))
+                continue
+            c = <conn_t *>(tag & ~(<unsigned long long>3))
+            if c.finished:
+                continue
+            if ev & (EPOLLERR | EPOLLHUP):
+                # Let the next call on that fd report what happened.
+                ev |= EPOLLIN | EPOLLOUT
+            if tag & 3 == SIDE_CLIENT:
+                if ev & (EPOLLIN | EPOLLRDHUP):
+                    c.c_readable = True
+                if ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                    c.c_hup = True
+                if ev & EPOLLOUT:
+                    c.c_writable = True
+            else:
+                if ev & (EPOLLIN | EPOLLRDHUP):
+                    c.s_readable = True
+                if ev & EPOLLOUT:
+                    c.s_writable = True
+            if not c.queued:
+                c.queued = True
+                c.ready_next = ready
+                ready = c
+
+        # Aborts requested by Python since the last batch.
+        pthread_mutex_lock(&_plane.lock)
+        aborts = _plane.aborts
+        _plane.aborts = NULL
+        pthread_mutex_unlock(&_plane.lock)
+        while aborts != NULL:
+            c = aborts
+            aborts = c.abort_next
+            c.abort_next = NULL
+            if not c.finished:
+                _finish(c, C_ABORTED)
+                c.done_next = done
+                done = c
+            pthread_mutex_lock(&_plane.lock)
+            c.abort_pending = False
+            if c.orphaned:
+                free(c)  # already delivered; this was its last reference
+            pthread_mutex_unlock(&_plane.lock)
+
+        while ready != NULL:
+            c = ready
+            ready = c.ready_next
+            c.ready_next = NULL
+            c.queued = False
+            if c.finished:
+                continue  # aborted above; its completion is queued
+            _pump(c, &again)
+            if c.finished:
+                c.done_next = done
+                done = c
+
+        if _plane.lingering != NULL:
+            now = _now_ns()
+            c = _plane.lingering
+            while c != NULL:
+                next_c = c.linger_next
+                if c.linger_deadline <= now and not c.finished:
+                    _finish(c, C_CLIENT_CLOSED)
+                    c.done_next = done
+                    done = c
+                c = next_c
+
+        # Nothing refers to a finished connection past this point, except
+        # the 'again' list, which never holds finished ones.
+        _push_done(done)
+    return NULL
+
+
+cdef int _plane_init() except -1:
+    if _plane.epfd >= 0:
+        return 0
+    pthread_mutex_init(&_plane.lock, NULL)
+    _plane.scratch_in = <char *>malloc(SCRATCH)
+    _plane.scratch_out = <char *>malloc(SCRATCH)
+    if _plane.scratch_in == NULL or _plane.scratch_out == NULL:
+        raise MemoryError()
+    _plane.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+    _plane.done_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+    cdef int epfd = epoll_create1(EPOLL_CLOEXEC)
+    if _plane.wake_fd < 0 or _plane.done_fd < 0 or epfd < 0:
+        raise OSError(errno, "cannot create the data plane: " + _errno_text(errno))
+    cdef epoll_event ev
+    ev.events = EPOLLIN
+    ev.data.u64 = SIDE_WAKE
+    if epoll_ctl(epfd, EPOLL_CTL_ADD, _plane.wake_fd, &ev) < 0:
+        raise OSError(errno, "cannot create the data plane: " + _errno_text(errno))
+    _plane.epfd = epfd
+    return 0
+
+
+cdef int _plane_start() except -1:
+    cdef pthread_t thread
+    cdef int err
+    _plane_init()
+    if _plane.running:
+        return 0
+    err = pthread_create(&thread, NULL, _plane_main, NULL)
+    if err != 0:
+        raise OSError(err, "cannot start the data plane thread: " + _errno_text(err))
+    pthread_detach(thread)
+    _plane.running = True
+    return 0
+
+
+# Created at import: three process-wide fds, so fd accounting is stable.
+_plane_init()
+cdef object _drain_loop = None
+
+
+def _drain_completions():
+    """Loop reader on done_fd: deliver every finished connection to its Splice."""
+    cdef unsigned long long counter
+    cdef conn_t *c
+    cdef conn_t *head
+    read(_plane.done_fd, &counter, sizeof(counter))
+    pthread_mutex_lock(&_plane.lock)
+    head = _plane.done_head
+    _plane.done_head = _plane.done_tail = NULL
+    pthread_mutex_unlock(&_plane.lock)
+    while head != NULL:
+        c = head
+        head = c.done_next
+        splice = <Splice><PyObject *>c.owner
+        c.owner = NULL
+        Py_DECREF(splice)  # the reference taken in start(); `splice` holds one
+        splice._deliver()
+
+
+cdef void _watch_completions(loop) except *:
+    """Make `loop` the one that receives completions (tests run many loops in turn)."""
+    global _drain_loop
+    if _drain_loop is loop:
+        return
+    old = _drain_loop
+    if old is not None and not old.is_closed() and not old.is_running():
+        old.remove_reader(_plane.done_fd)
+    loop.add_reader(_plane.done_fd, _drain_completions)
+    _drain_loop = loop
+
+
 cdef class Splice:
     """Moves bytes between a client fd and an established TLSConnection.
 
-    Theory of operation: every readiness callback runs ``_pump``, which makes
-    all the progress it can in both directions (read a side only while the
-    buffer toward the other side is empty, write while it holds bytes), then
-    ``_update_interest`` registers exactly the readiness events that can
-    unblock it. An idle connection therefore waits on the two reads only.
+    The connection is handed to the data-plane thread by ``start``; from then
+    on Python sees it again exactly once, when ``on_done(kind, message)`` runs
+    on the loop after both fds are closed.
 
     End of stream: when the client stops sending, its last bytes are
     written, then close_notify and a TCP half-close go to the instance, and
     the instance's remaining bytes still reach the client (for up to
     ``linger`` seconds). When the instance stops, its last bytes are flushed
     to the client and both sides are closed. Any error closes both at once.
-    ``on_done(kind, message)`` runs exactly once, after both fds are closed.
     """
 
     def __cinit__(self, int client_fd, TLSConnection conn not None, on_done, double linger=30.0):
-        self.client_fd = client_fd
-        self.conn = conn
-        self.on_done = on_done
-        self.linger = linger
-        _set_nonblocking(client_fd)
-        self.c2s = <char *>malloc(BUFFER_SIZE)
-        self.s2c = <char *>malloc(BUFFER_SIZE)
-        if self.c2s == NULL or self.s2c == NULL:
-            raise MemoryError()
+        self.c = NULL
         if conn.closed:
+            close(client_fd)
             raise ValueError("TLS connection is closed")
+        self.c = <conn_t *>calloc(1, sizeof(conn_t))
+        if self.c == NULL:
+            close(client_fd)
+            conn._close()
+            raise MemoryError()
+        _set_nonblocking(client_fd)
+        # The connection's fd and SSL* move here; the TLSConnection is spent.
+        self.c.cfd = client_fd
+        self.c.sfd = conn.fd
+        self.c.ssl = conn.ssl
+        conn.ssl = NULL
+        conn.closed = True
+        self.c.linger_ns = <long long>(linger * 1e9)
+        # Anything decrypted or buffered before start is found by the first pump.
+        self.c.c_readable = self.c.c_writable = True
+        self.c.s_readable = self.c.s_writable = True
+        self.on_done = on_done
 
     def start(self, loop):
         global _active, _total
+        cdef epoll_event ev
         if self.started:
             raise RuntimeError("splice already started")
+        _plane_start()
+        _watch_completions(loop)
         self.started = True
         self.loop = loop
         _active += 1
         _total += 1
-        # Bytes OpenSSL decrypted during the exchange are in its buffer, not
-        # in the socket: pump once now instead of waiting for readiness.
-        self._pump()
+        Py_INCREF(self)
+        self.c.owner = <void *>self
+        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+        ev.data.u64 = <unsigned long long>self.c | SIDE_CLIENT
+        if epoll_ctl(_plane.epfd, EPOLL_CTL_ADD, self.c.cfd, &ev) == 0:
+            ev.data.u64 = <unsigned long long>self.c | SIDE_INSTANCE
+            if epoll_ctl(_plane.epfd, EPOLL_CTL_ADD, self.c.sfd, &ev) == 0:
+                return
+        # Cannot be watched (a bad fd): report it through the normal path.
+        _set_message_errno(self.c, errno)
+        self.abort()
 
     def abort(self):
-        """Tear down now; on_done still runs once, with ABORTED."""
-        if self.started:
-            self._finish(ABORTED, "")
-
-    # Readiness callbacks: thin def wrappers around the C pump.
-    def _on_ready(self):
-        self._pump()
-
-    def _on_scheduled(self):
-        self.pump_scheduled = False
-        self._pump()
-
-    def _on_linger_expired(self):
-        self.linger_handle = None
-        self._finish(CLIENT_CLOSED, "")
-
-    cdef void _pump(self):
-        cdef ssize_t n
-        cdef int ret, err, rounds = 0
-        cdef bint progress = True
-        cdef SSL *ssl
-        global _bytes_c2s, _bytes_s2c
-        if self.finished:
+        """Tear down soon; on_done still runs once, on the loop, with ABORTED."""
+        cdef unsigned long long one = 1
+        if not self.started or self.delivered:
             return
-        ssl = self.conn.ssl
-        try:
-            while progress and rounds < PUMP_ROUNDS:
-                progress = False
-                rounds += 1
+        pthread_mutex_lock(&_plane.lock)
+        if not self.c.abort_pending:
+            self.c.abort_pending = True
+            self.c.abort_next = _plane.aborts
+            _plane.aborts = self.c
+        pthread_mutex_unlock(&_plane.lock)
+        write(_plane.wake_fd, &one, sizeof(one))
 
-                # client -> buffer
-                if self.c2s_len == 0 and not self.client_eof:
-                    n = read(self.client_fd, self.c2s, BUFFER_SIZE)
-                    if n > 0:
-                        self.c2s_len = n
-                        self.c2s_off = 0
-                        progress = True
-                    elif n == 0:
-                        self.client_eof = True
-                        if not self.server_eof:
-                            self.client_first = True
-                        progress = True
-                    elif not _transient(errno):
-                        self._finish(ERROR_READ_CLIENT, _errno_text(errno))
-                        return
+    @property
+    def bytes_client_to_server(self):
+        return self.c.bytes_c2s if self.c != NULL else self.final_c2s
 
-                # buffer -> instance
-                if self.c2s_off < self.c2s_len:
-                    ERR_clear_error()
-                    ret = SSL_write(ssl, self.c2s + self.c2s_off, <int>(self.c2s_len - self.c2s_off))
-                    if ret > 0:
-                        self.write_wants = 0
-                        self.c2s_off += ret
-                        self.bytes_client_to_server += ret
-                        _bytes_c2s += ret
-                        if self.c2s_off == self.c2s_len:
-                            self.c2s_len = 0
-                            self.c2s_off = 0
-                        progress = True
-                    else:
-                        err = SSL_get_error(ssl, ret)
-                        if err == SSL_ERROR_WANT_READ:
-                            self.write_wants = WANT_READ
-                        elif err == SSL_ERROR_WANT_WRITE:
-                            self.write_wants = WANT_WRITE
-                        else:
-                            self._finish(ERROR_WRITE_INSTANCE, self._ssl_failure(err))
-                            return
+    @property
+    def bytes_server_to_client(self):
+        return self.c.bytes_s2c if self.c != NULL else self.final_s2c
 
-                # the client has finished and everything it sent is delivered
-                if self.client_eof and self.c2s_len == 0 and not self.close_notify_sent:
-                    self.close_notify_sent = True
-                    if self.server_eof:
-                        self._finish(CLIENT_CLOSED if self.client_first else INSTANCE_CLOSED, "")
-                        return
-                    ERR_clear_error()
-                    SSL_shutdown(ssl)  # best effort: one close_notify record
-                    ERR_clear_error()
-                    shutdown(self.conn.fd, SHUT_WR)
-                    if self.linger > 0:
-                        self.linger_handle = self.loop.call_later(self.linger, self._on_linger_expired)
-                    progress = True
-
-                # instance -> buffer
-                if self.s2c_len == 0 and not self.server_eof:
-                    ERR_clear_error()
-                    ret = SSL_read(ssl, self.s2c, BUFFER_SIZE)
-                    if ret > 0:
-                        self.read_wants = 0
-                        self.s2c_len = ret
-                        self.s2c_off = 0
-                        progress = True
-                    else:
-                        err = SSL_get_error(ssl, ret)
-                        if err == SSL_ERROR_WANT_READ:
-                            self.read_wants = WANT_READ
-                        elif err == SSL_ERROR_WANT_WRITE:
-                            self.read_wants = WANT_WRITE
-                        elif err == SSL_ERROR_ZERO_RETURN or (err == SSL_ERROR_SYSCALL and errno == 0):
-                            self.server_eof = True
-                            self.read_wants = 0
-                            progress = True
-                        else:
-                            self._finish(ERROR_READ_INSTANCE, self._ssl_failure(err))
-                            return
-
-                # buffer -> client
-                if self.s2c_off < self.s2c_len:
-                    n = write(self.client_fd, self.s2c + self.s2c_off, self.s2c_len - self.s2c_off)
-                    if n > 0:
-                        self.s2c_off += n
-                        self.bytes_server_to_client += n
-                        _bytes_s2c += n
-                        if self.s2c_off == self.s2c_len:
-                            self.s2c_len = 0
-                            self.s2c_off = 0
-                        progress = True
-                    elif not _transient(errno):
-                        self._finish(ERROR_WRITE_CLIENT, _errno_text(errno))
-                        return
-
-                # the instance has finished and the client has all its bytes
-                if self.server_eof and self.s2c_len == 0:
-                    self._finish(CLIENT_CLOSED if self.client_first else INSTANCE_CLOSED, "")
-                    return
-
-            if progress and not self.pump_scheduled:
-                # Out of rounds with work left (maybe in OpenSSL's buffer,
-                # which no fd readiness would announce): continue next tick.
-                self.pump_scheduled = True
-                self.loop.call_soon(self._on_scheduled)
-            self._update_interest()
-        except BaseException as exc:  # never let an exception escape into the loop
-            self._finish(ABORTED, f"internal error: {exc!r}")
-
-    cdef str _ssl_failure(self, int err):
-        if err == SSL_ERROR_SYSCALL and errno:
-            return _errno_text(errno)
-        return _openssl_reason("TLS failure")
-
-    cdef void _update_interest(self):
-        cdef bint want_client_r = self.c2s_len == 0 and not self.client_eof
-        cdef bint want_client_w = self.s2c_off < self.s2c_len
-        cdef bint c2s_pending = self.c2s_off < self.c2s_len
-        cdef bint want_server_r = (
-            (self.s2c_len == 0 and not self.server_eof and self.read_wants != WANT_WRITE)
-            or (c2s_pending and self.write_wants == WANT_READ)
-        )
-        cdef bint want_server_w = (
-            (c2s_pending and self.write_wants != WANT_READ)
-            or (self.s2c_len == 0 and not self.server_eof and self.read_wants == WANT_WRITE)
-        )
-        loop = self.loop
-        if want_client_r != self.reg_client_r:
-            self.reg_client_r = want_client_r
-            if want_client_r:
-                loop.add_reader(self.client_fd, self._on_ready)
-            else:
-                loop.remove_reader(self.client_fd)
-        if want_client_w != self.reg_client_w:
-            self.reg_client_w = want_client_w
-            if want_client_w:
-                loop.add_writer(self.client_fd, self._on_ready)
-            else:
-                loop.remove_writer(self.client_fd)
-        if want_server_r != self.reg_server_r:
-            self.reg_server_r = want_server_r
-            if want_server_r:
-                loop.add_reader(self.conn.fd, self._on_ready)
-            else:
-                loop.remove_reader(self.conn.fd)
-        if want_server_w != self.reg_server_w:
-            self.reg_server_w = want_server_w
-            if want_server_w:
-                loop.add_writer(self.conn.fd, self._on_ready)
-            else:
-                loop.remove_writer(self.conn.fd)
-
-    cdef void _finish(self, int kind, str message):
+    cdef _deliver(self):
         global _active
-        cdef char scratch[4096]
-        if self.finished:
-            return
-        self.finished = True
+        cdef int kind = self.c.kind
+        message = self.c.message.decode("utf-8", "replace")
+        self.delivered = True
         _active -= 1
-        loop = self.loop
-        try:
-            if self.reg_client_r:
-                loop.remove_reader(self.client_fd)
-            if self.reg_client_w:
-                loop.remove_writer(self.client_fd)
-            if self.reg_server_r:
-                loop.remove_reader(self.conn.fd)
-            if self.reg_server_w:
-                loop.remove_writer(self.conn.fd)
-        except BaseException:
-            pass  # the loop may already be closing; the fds close below anyway
-        self.reg_client_r = self.reg_client_w = self.reg_server_r = self.reg_server_w = False
-        if self.linger_handle is not None:
-            self.linger_handle.cancel()
-            self.linger_handle = None
-        if kind == INSTANCE_CLOSED or kind == CLIENT_CLOSED:
-            # Half-close first and drop unread client input, so closing does
-            # not turn into a RST that could discard bytes the client has not
-            # read yet.
-            shutdown(self.client_fd, SHUT_WR)
-            for _ in range(16):  # bounded: a client that keeps sending gets the RST
-                if read(self.client_fd, scratch, sizeof(scratch)) <= 0:
-                    break
-        close(self.client_fd)
-        self.conn._close()
+        self.final_c2s = self.c.bytes_c2s
+        self.final_s2c = self.c.bytes_s2c
+        self._release()
         on_done, self.on_done = self.on_done, None
-        if on_done is not None:
-            try:
-                on_done(kind, message)
-            except BaseException as exc:
-                loop.call_exception_handler({
-                    "message": "exception in splice on_done callback",
-                    "exception": exc,
-                })
+        if on_done is None:
+            return
+        try:
+            on_done(kind, message)
+        except BaseException as exc:
+            self.loop.call_exception_handler({
+                "message": "exception in splice on_done callback",
+                "exception": exc,
+            })
+
+    cdef void _release(self) noexcept:
+        """Free the struct, or leave that to the thread if an abort is in flight."""
+        cdef conn_t *c = self.c
+        if c == NULL:
+            return
+        self.c = NULL
+        pthread_mutex_lock(&_plane.lock)
+        if c.abort_pending:
+            c.orphaned = True
+            c = NULL
+        pthread_mutex_unlock(&_plane.lock)
+        free(c)
 
     def __dealloc__(self):
-        global _active
-        if self.started and not self.finished:
-            # Dropped without finishing (e.g. the loop went away): still
-            # release the fds; no callback can run safely here.
-            self.finished = True
-            _active -= 1
-            close(self.client_fd)
-            self.conn._close()
-        elif not self.started:
-            close(self.client_fd)
-            if self.conn is not None:
-                self.conn._close()
-        free(self.c2s)
-        free(self.s2c)
+        # A started, undelivered splice is referenced by the thread and cannot
+        # get here; what remains is one never started: close its fds.
+        if self.c != NULL and not self.started:
+            close(self.c.cfd)
+            SSL_free(self.c.ssl)
+            close(self.c.sfd)
+            free(self.c)
+            self.c = NULL

@@ -322,6 +322,11 @@ def test_on_done_exception_goes_to_the_loop_handler(run, tls_server, client_cont
         splice = _splice.Splice(theirs.detach(), conn, boom)
         splice.start(loop)
         splice.abort()
+        # The data-plane thread tears down, then the loop delivers on_done.
+        for _ in range(500):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
         assert seen == ["exception in splice on_done callback"]
         ours.close()
 
