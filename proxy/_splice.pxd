@@ -24,6 +24,7 @@ cdef extern from "openssl/ssl.h" nogil:
 
 cdef class TLSClientContext:
     cdef SSL_CTX *ctx
+    cdef dict sessions          # server name -> _Session
     cdef _load_chain(self, bytes pem)
     cdef _load_key(self, bytes pem)
     cdef _load_ca(self, bytes pem)
@@ -47,14 +48,14 @@ ctypedef struct conn_t:
     SSL *ssl
     # Readiness as last reported by epoll, cleared when a call hits EAGAIN.
     bint c_readable, c_writable, s_readable, s_writable
-    bint c_hup                   # the client's FIN or an error was reported
-    # Bytes read but not yet taken by the other side (NULL when none).
-    char *c2s
-    int c2s_len, c2s_off
+    bint c_hup, s_hup            # a FIN or an error was reported on that side
+    # Ciphertext the instance has not taken yet (NULL when none).
+    char *cpend
+    int cpend_len, cpend_off
+    bint shut_wr_pending         # half-close the instance once cpend is sent
+    # Plaintext the client has not taken yet (NULL when none).
     char *s2c
     int s2c_len, s2c_off
-    int write_wants              # what a pending SSL_write waits for (0, 1 read, 2 write)
-    int read_wants               # what SSL_read waits for
     bint client_eof, server_eof, close_notify_sent, client_first, finished
     bint queued                  # on the thread's ready list
     int kind

@@ -8,7 +8,7 @@ only (context creation, handshake, metadata exchange, start, end); bytes move
 in C between two fixed buffers. See _splice.pxd for the design and ownership.
 """
 
-from libc.stdlib cimport malloc, calloc, free
+from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport strerror
 from libc.errno cimport errno, EAGAIN, EINTR
 
@@ -106,6 +106,13 @@ cdef extern from "openssl/ssl.h" nogil:
     const SSL_CIPHER *SSL_get_current_cipher(const SSL *ssl)
     const char *SSL_CIPHER_get_name(const SSL_CIPHER *c)
     X509 *SSL_get1_peer_certificate(const SSL *ssl)
+    ctypedef struct SSL_SESSION
+    SSL_SESSION *SSL_get1_session(SSL *ssl)
+    int SSL_set_session(SSL *ssl, SSL_SESSION *session)
+    void SSL_SESSION_free(SSL_SESSION *session)
+    SSL_SESSION *SSL_SESSION_dup(const SSL_SESSION *src)
+    int SSL_SESSION_is_resumable(const SSL_SESSION *session)
+    int SSL_session_reused(const SSL *ssl)
     enum:
         SSL_ERROR_NONE
         SSL_ERROR_SSL
@@ -188,11 +195,28 @@ cdef str _errno_text(int err):
     return strerror(err).decode("utf-8", "replace").lower()
 
 
+cdef class _Session:
+    """One resumable TLS session (owns a reference to the SSL_SESSION)."""
+    cdef SSL_SESSION *ptr
+
+    def __dealloc__(self):
+        if self.ptr != NULL:
+            SSL_SESSION_free(self.ptr)
+
+
 cdef class TLSClientContext:
-    """SSL_CTX for one client certificate: TLS 1.3 only, trusting only ``ca_pem``."""
+    """SSL_CTX for one client certificate: TLS 1.3 only, trusting only ``ca_pem``.
+
+    It also keeps the latest resumable session per server name, so that the
+    next connection to that server resumes (a PSK handshake: no certificate
+    signatures, which cost more than a millisecond of CPU on each side). A
+    session is only ever offered to the server name it was made with, and a
+    certificate refresh makes a new context, which starts empty.
+    """
 
     def __cinit__(self, bytes cert_chain_pem, bytes key_pem, bytes ca_pem):
         self.ctx = NULL
+        self.sessions = {}
         cdef SSL_CTX *ctx = SSL_CTX_new(TLS_client_method())
         if ctx == NULL:
             raise MemoryError("SSL_CTX_new failed")
@@ -309,6 +333,9 @@ cdef class TLSConnection:
         SSL_set_fd(self.ssl, fd)
         SSL_set_connect_state(self.ssl)
         encoded = name.encode("idna" if not _is_ip(name) else "ascii")
+        session = context.sessions.get(name)
+        if session is not None:
+            SSL_set_session(self.ssl, (<_Session>session).ptr)
         if _is_ip(name):
             # IP literals are checked against IP SANs and never sent as SNI.
             X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(self.ssl), encoded)
@@ -403,6 +430,34 @@ cdef class TLSConnection:
                 raise ConnectionError(_errno_text(errno))
             return b""
         raise TLSError(_openssl_reason("TLS read failed"))
+
+    def remember_session(self):
+        """Offer this connection's session to the next one to the same server.
+
+        Call after the first read from the server: TLS 1.3 tickets arrive
+        after the handshake and are taken in by SSL_read.
+        """
+        self._check_open()
+        cdef SSL_SESSION *live = SSL_get1_session(self.ssl)
+        if live == NULL:
+            return
+        # A copy: OpenSSL marks the live session unresumable if this
+        # connection later ends without close_notify.
+        cdef SSL_SESSION *sess = SSL_SESSION_dup(live)
+        SSL_SESSION_free(live)
+        if sess == NULL:
+            return
+        if not SSL_SESSION_is_resumable(sess):
+            SSL_SESSION_free(sess)
+            return
+        holder = _Session()
+        holder.ptr = sess
+        self.context.sessions[self.server_name] = holder
+
+    @property
+    def resumed(self):
+        self._check_open()
+        return bool(SSL_session_reused(self.ssl))
 
     @property
     def version(self):
@@ -533,6 +588,8 @@ ctypedef struct plane_t:
     conn_t *lingering            # thread only
     char *scratch_in
     char *scratch_out
+    char *out                    # ciphertext of the current SSL_* call (_bio_write)
+    size_t out_len, out_cap
 
 
 cdef plane_t _plane
@@ -590,9 +647,9 @@ cdef void _finish(conn_t *c, int kind) noexcept nogil:
     SSL_free(c.ssl)
     c.ssl = NULL
     close(c.sfd)
-    free(c.c2s)
+    free(c.cpend)
     free(c.s2c)
-    c.c2s = c.s2c = NULL
+    c.cpend = c.s2c = NULL
     if c.linger_deadline:
         _linger_remove(c)
 
@@ -617,57 +674,177 @@ cdef void _linger_remove(conn_t *c) noexcept nogil:
     c.linger_prev = c.linger_next = NULL
 
 
-cdef int _ssl_write(conn_t *c, char *data, int n) noexcept nogil:
-    """Write n plaintext bytes; keep what the instance cannot take yet.
+# -- The instance socket's BIO ------------------------------------------------
+# After the handshake, the SSL* talks to the instance through this BIO instead
+# of OpenSSL's socket BIO, for two reasons:
+#  * writes are gathered: every record one SSL_write (or SSL_shutdown, or a
+#    KeyUpdate reply inside SSL_read) produces lands in the thread's out
+#    buffer and leaves in one send() (_flush), four records per syscall;
+#  * reads know when the socket is drained: a short recv() clears
+#    s_readable, so OpenSSL's next read returns "retry" without a syscall.
 
-    Returns 1 on progress, 0 if nothing could be written, -1 when finished.
-    A retry after WANT_* passes the same bytes from c.c2s, which OpenSSL
-    accepts with SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER.
+cdef extern from "openssl/bio.h" nogil:
+    ctypedef struct BIO_METHOD
+    int BIO_get_new_index()
+    BIO_METHOD *BIO_meth_new(int type, const char *name)
+    int BIO_meth_set_write(BIO_METHOD *m, int (*f)(BIO *, const char *, int) noexcept nogil)
+    int BIO_meth_set_read(BIO_METHOD *m, int (*f)(BIO *, char *, int) noexcept nogil)
+    int BIO_meth_set_ctrl(BIO_METHOD *m, long (*f)(BIO *, int, long, void *) noexcept nogil)
+    int BIO_meth_set_create(BIO_METHOD *m, int (*f)(BIO *) noexcept nogil)
+    BIO *BIO_new(const BIO_METHOD *m)
+    void BIO_set_data(BIO *b, void *ptr)
+    void *BIO_get_data(BIO *b)
+    void BIO_set_init(BIO *b, int init)
+    void BIO_set_retry_read(BIO *b)
+    void BIO_clear_retry_flags(BIO *b)
+    enum: BIO_TYPE_SOURCE_SINK, BIO_CTRL_FLUSH
+
+cdef extern from "openssl/ssl.h" nogil:
+    void SSL_set_bio(SSL *s, BIO *rbio, BIO *wbio)
+    long SSL_clear_mode(SSL *s, long mode)
+
+cdef extern from "sys/socket.h" nogil:
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+
+cdef BIO_METHOD *_plane_bio_method = NULL
+
+
+cdef int _bio_create(BIO *b) noexcept nogil:
+    BIO_set_init(b, 1)
+    return 1
+
+
+cdef long _bio_ctrl(BIO *b, int cmd, long num, void *ptr) noexcept nogil:
+    return 1 if cmd == BIO_CTRL_FLUSH else 0
+
+
+cdef int _bio_read(BIO *b, char *buf, int size) noexcept nogil:
+    cdef conn_t *c = <conn_t *>BIO_get_data(b)
+    cdef ssize_t n
+    BIO_clear_retry_flags(b)
+    if not c.s_readable:
+        BIO_set_retry_read(b)
+        return -1
+    n = recv(c.sfd, buf, size, 0)
+    if n > 0:
+        if n < size and not c.s_hup:
+            c.s_readable = False  # drained; more data (or the FIN) is a new edge
+        return <int>n
+    if n < 0 and _transient(errno):
+        c.s_readable = False
+        BIO_set_retry_read(b)
+    return <int>n  # 0 is EOF; -1 with errno is SSL_ERROR_SYSCALL
+
+
+cdef int _bio_write(BIO *b, const char *data, int size) noexcept nogil:
+    # Always accepted: the caller flushes after each SSL_* call, and keeps
+    # what the socket refuses as the connection's pending ciphertext.
+    cdef size_t need = _plane.out_len + size
+    cdef char *grown
+    if need > _plane.out_cap:
+        grown = <char *>realloc(_plane.out, need)
+        if grown == NULL:
+            return -1
+        _plane.out = grown
+        _plane.out_cap = need
+    memcpy(_plane.out + _plane.out_len, data, size)
+    _plane.out_len += size
+    return size
+
+
+cdef int _attach_bio(SSL *ssl, conn_t *c) except -1:
+    global _plane_bio_method
+    cdef BIO_METHOD *m = _plane_bio_method
+    if m == NULL:
+        m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "alloydb-proxy-plane")
+        if m == NULL:
+            raise MemoryError("BIO_meth_new failed")
+        BIO_meth_set_create(m, _bio_create)
+        BIO_meth_set_ctrl(m, _bio_ctrl)
+        BIO_meth_set_read(m, _bio_read)
+        BIO_meth_set_write(m, _bio_write)
+        _plane_bio_method = m
+    cdef BIO *bio = BIO_new(m)
+    if bio == NULL:
+        raise MemoryError("BIO_new failed")
+    BIO_set_data(bio, c)
+    # Whole SSL_writes: all records of one call leave in one send().
+    SSL_clear_mode(ssl, SSL_MODE_ENABLE_PARTIAL_WRITE)
+    # Frees the socket BIO from SSL_set_fd (which never closes the fd); it
+    # holds no bytes: read-ahead data lives in the SSL record layer.
+    SSL_set_bio(ssl, bio, bio)
+    return 0
+
+
+cdef int _send_pending(conn_t *c) noexcept nogil:
+    """Send c.cpend to the instance: 1 if all gone, 0 if some waits, -1 if finished.
+
+    c.cpend may borrow the thread's out buffer (see _flush); only bytes the
+    socket refuses are then copied to the connection's own heap block.
     """
-    global _bytes_c2s
-    cdef int off = 0, ret, err, saved
-    while off < n:
-        ERR_clear_error()
-        ret = SSL_write(c.ssl, data + off, n - off)
-        if ret > 0:
-            off += ret
-            c.bytes_c2s += ret
-            _bytes_c2s += ret
-            c.write_wants = 0
+    cdef bint borrowed = c.cpend == _plane.out
+    cdef ssize_t n
+    cdef int left
+    cdef char *rest
+    while c.cpend_off < c.cpend_len:
+        n = send(c.sfd, c.cpend + c.cpend_off, c.cpend_len - c.cpend_off, MSG_NOSIGNAL)
+        if n > 0:
+            c.cpend_off += n
             continue
-        saved = errno
-        err = SSL_get_error(c.ssl, ret)
-        if err == SSL_ERROR_WANT_WRITE:
-            c.write_wants = C_WANT_WRITE
+        if n < 0 and _transient(errno):
             c.s_writable = False
-        elif err == SSL_ERROR_WANT_READ:
-            c.write_wants = C_WANT_READ
-            c.s_readable = False
-        else:
-            _set_message_ssl(c, err, saved)
-            _finish(c, C_ERROR_WRITE_INSTANCE)
-            return -1
-        break
-    if data == c.c2s:
-        c.c2s_off = c.c2s_len - (n - off)
-        if c.c2s_off == c.c2s_len:
-            free(c.c2s)
-            c.c2s = NULL
-            c.c2s_len = c.c2s_off = 0
-    elif off < n:
-        c.c2s = <char *>malloc(n - off)
-        if c.c2s == NULL:
-            strncpy(c.message, "out of memory", MESSAGE)
-            _finish(c, C_ABORTED)
-            return -1
-        memcpy(c.c2s, data + off, n - off)
-        c.c2s_len = n - off
-        c.c2s_off = 0
-    return 1 if off > 0 else 0
+            if borrowed:
+                left = c.cpend_len - c.cpend_off
+                rest = <char *>malloc(left)
+                if rest == NULL:
+                    c.cpend = NULL
+                    strncpy(c.message, "out of memory", MESSAGE)
+                    _finish(c, C_ABORTED)
+                    return -1
+                memcpy(rest, c.cpend + c.cpend_off, left)
+                c.cpend, c.cpend_len, c.cpend_off = rest, left, 0
+            return 0
+        if borrowed:
+            c.cpend = NULL
+        _set_message_errno(c, errno)
+        _finish(c, C_ERROR_WRITE_INSTANCE)
+        return -1
+    if not borrowed:
+        free(c.cpend)
+    c.cpend = NULL
+    c.cpend_len = c.cpend_off = 0
+    if c.shut_wr_pending:
+        c.shut_wr_pending = False
+        shutdown(c.sfd, SHUT_WR)
+    return 1
+
+
+cdef int _flush(conn_t *c) noexcept nogil:
+    """Send what the last SSL_* call put in the out buffer, behind any pending bytes."""
+    cdef size_t n = _plane.out_len
+    cdef char *grown
+    if n == 0:
+        return 0
+    _plane.out_len = 0
+    if c.cpend == NULL:
+        c.cpend, c.cpend_len, c.cpend_off = _plane.out, <int>n, 0
+        return _send_pending(c)
+    grown = <char *>realloc(c.cpend, c.cpend_len + n)
+    if grown == NULL:
+        strncpy(c.message, "out of memory", MESSAGE)
+        _finish(c, C_ABORTED)
+        return -1
+    memcpy(grown + c.cpend_len, _plane.out, n)
+    c.cpend = grown
+    c.cpend_len += <int>n
+    return 0
 
 
 cdef int _client_write(conn_t *c, char *data, int n) noexcept nogil:
-    """Like _ssl_write, toward the client socket (no signal on a closed peer)."""
+    """Send to the client (no signal on a closed peer); keep what it cannot take.
+
+    Returns 1 on progress, 0 if nothing could be written, -1 when finished.
+    """
     global _bytes_s2c
     cdef int off = 0
     cdef ssize_t ret
@@ -704,19 +881,19 @@ cdef int _client_write(conn_t *c, char *data, int n) noexcept nogil:
 
 cdef bint _pump_once(conn_t *c) noexcept nogil:
     """One round in each direction; True if anything moved."""
-    cdef bint progress = False, can
+    global _bytes_c2s
+    cdef bint progress = False
     cdef ssize_t n
-    cdef int ret, err, saved, total
+    cdef int ret, err, saved, total, off
     cdef char *buf
 
-    # client -> instance
-    if c.c2s != NULL:
-        can = c.s_readable if c.write_wants == C_WANT_READ else c.s_writable
-        if can:
-            ret = _ssl_write(c, c.c2s + c.c2s_off, c.c2s_len - c.c2s_off)
+    # client -> instance: pending ciphertext first (backpressure), then new bytes
+    if c.cpend != NULL:
+        if c.s_writable:
+            ret = _send_pending(c)
             if ret < 0:
                 return False
-            progress = ret > 0 or progress
+            progress = ret > 0
     elif not c.client_eof and c.c_readable:
         buf = _plane.scratch_in
         n = read(c.cfd, buf, SCRATCH)
@@ -725,7 +902,19 @@ cdef bint _pump_once(conn_t *c) noexcept nogil:
                 # A short read emptied the socket; more data (or the FIN)
                 # brings a new edge. A FIN seen already brings none: read on.
                 c.c_readable = False
-            if _ssl_write(c, buf, <int>n) < 0:
+            off = 0
+            while off < n:  # the BIO takes everything, so this cannot block
+                ERR_clear_error()
+                ret = SSL_write(c.ssl, buf + off, <int>(n - off))
+                if ret <= 0:
+                    saved = errno
+                    _set_message_ssl(c, SSL_get_error(c.ssl, ret), saved)
+                    _finish(c, C_ERROR_WRITE_INSTANCE)
+                    return False
+                off += ret
+            c.bytes_c2s += n
+            _bytes_c2s += n
+            if _flush(c) < 0:
                 return False
             progress = True
         elif n == 0:
@@ -740,16 +929,21 @@ cdef bint _pump_once(conn_t *c) noexcept nogil:
             _finish(c, C_ERROR_READ_CLIENT)
             return False
 
-    # the client has finished and everything it sent is delivered
-    if c.client_eof and c.c2s == NULL and not c.close_notify_sent:
+    # the client has finished and everything it sent is on its way
+    if c.client_eof and not c.close_notify_sent:
         c.close_notify_sent = True
         if c.server_eof:
             _finish(c, C_CLIENT_CLOSED if c.client_first else C_INSTANCE_CLOSED)
             return False
         ERR_clear_error()
-        SSL_shutdown(c.ssl)  # best effort: one close_notify record
+        SSL_shutdown(c.ssl)  # one close_notify record, into the out buffer
         ERR_clear_error()
-        shutdown(c.sfd, SHUT_WR)
+        c.shut_wr_pending = True  # after the last ciphertext has left
+        if _flush(c) < 0:
+            return False
+        if c.cpend == NULL and c.shut_wr_pending:
+            c.shut_wr_pending = False
+            shutdown(c.sfd, SHUT_WR)
         if c.linger_ns > 0:
             _linger_add(c, _now_ns())
         progress = True
@@ -761,44 +955,33 @@ cdef bint _pump_once(conn_t *c) noexcept nogil:
             if ret < 0:
                 return False
             progress = ret > 0 or progress
-    elif not c.server_eof:
-        if c.read_wants == C_WANT_WRITE:
-            can = c.s_writable
-        else:
-            can = c.s_readable or SSL_has_pending(c.ssl)
-        if can:
-            buf = _plane.scratch_out
-            total = 0
-            # Gather several records (read-ahead keeps them in OpenSSL's
-            # buffer) into one write to the client.
-            while total <= SCRATCH - BUFFER_SIZE:
-                ERR_clear_error()
-                ret = SSL_read(c.ssl, buf + total, SCRATCH - total)
-                if ret > 0:
-                    total += ret
-                    c.read_wants = 0
-                    continue
-                saved = errno
-                err = SSL_get_error(c.ssl, ret)
-                if err == SSL_ERROR_WANT_READ:
-                    c.read_wants = C_WANT_READ
-                    c.s_readable = False
-                elif err == SSL_ERROR_WANT_WRITE:
-                    c.read_wants = C_WANT_WRITE
-                    c.s_writable = False
-                elif err == SSL_ERROR_ZERO_RETURN or (err == SSL_ERROR_SYSCALL and saved == 0):
-                    c.server_eof = True
-                    c.read_wants = 0
-                    progress = True
-                else:
-                    _set_message_ssl(c, err, saved)
-                    _finish(c, C_ERROR_READ_INSTANCE)
-                    return False
-                break
-            if total > 0:
+    elif not c.server_eof and (c.s_readable or SSL_has_pending(c.ssl)):
+        buf = _plane.scratch_out
+        total = 0
+        # Gather several records (read-ahead keeps them in OpenSSL's buffer)
+        # into one write to the client.
+        while total <= SCRATCH - BUFFER_SIZE:
+            ERR_clear_error()
+            ret = SSL_read(c.ssl, buf + total, SCRATCH - total)
+            if ret > 0:
+                total += ret
+                continue
+            saved = errno
+            err = SSL_get_error(c.ssl, ret)
+            if err == SSL_ERROR_ZERO_RETURN or (err == SSL_ERROR_SYSCALL and saved == 0):
+                c.server_eof = True
                 progress = True
-                if _client_write(c, buf, total) < 0:
-                    return False
+            elif err != SSL_ERROR_WANT_READ:
+                _set_message_ssl(c, err, saved)
+                _finish(c, C_ERROR_READ_INSTANCE)
+                return False
+            break
+        if _plane.out_len and _flush(c) < 0:  # e.g. a KeyUpdate reply
+            return False
+        if total > 0:
+            progress = True
+            if _client_write(c, buf, total) < 0:
+                return False
 
     # the instance has finished and the client has all its bytes
     if c.server_eof and c.s2c == NULL:
@@ -896,6 +1079,8 @@ cdef void *_plane_main(void *arg) noexcept nogil:
             else:
                 if ev & (EPOLLIN | EPOLLRDHUP):
                     c.s_readable = True
+                if ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                    c.s_hup = True
                 if ev & EPOLLOUT:
                     c.s_writable = True
             if not c.queued:
@@ -1055,6 +1240,7 @@ cdef class Splice:
         conn.ssl = NULL
         conn.closed = True
         self.c.linger_ns = <long long>(linger * 1e9)
+        _attach_bio(self.c.ssl, self.c)
         # Anything decrypted or buffered before start is found by the first pump.
         self.c.c_readable = self.c.c_writable = True
         self.c.s_readable = self.c.s_writable = True

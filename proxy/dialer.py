@@ -162,7 +162,14 @@ class Dialer:
         if not response.ok:
             # The server's text, verbatim, as the Go connector reports it.
             raise MetadataExchangeError(response.error or "metadata exchange failed")
-        self._log.debug("[%s] Metadata exchange finish (result = OK)", short)
+        # The server's session tickets came in before its answer: the next
+        # connection to this instance can resume instead of re-signing.
+        conn.remember_session()
+        self._log.debug(
+            "[%s] Metadata exchange finish (result = OK%s)",
+            short,
+            ", TLS session resumed" if conn.resumed else "",
+        )
 
     def close(self) -> None:
         self._closed = True

@@ -92,3 +92,29 @@ def test_bad_pem_is_value_error(pki):
         _splice.TLSClientContext(pki["chain"], b"garbage", root)
     with pytest.raises(ValueError, match="CA certificate"):
         _splice.TLSClientContext(pki["chain"], pki["key"], b"garbage")
+
+
+def test_sessions_resume_only_for_the_same_server_name(run, tls_server, pki):
+    server = tls_server()
+
+    def new_context():
+        return _splice.TLSClientContext(pki["chain"], pki["key"], pki["ca"].root_pem.encode())
+
+    async def exchange(ctx, name):
+        conn = await connect(ctx, server.port, name)
+        await tlsconn.send_all(conn, b"ping", timeout=5)
+        assert await tlsconn.recv_exactly(conn, 4, timeout=5) == b"ping"
+        conn.remember_session()  # the tickets came in with the answer
+        resumed = conn.resumed
+        conn.close()
+        return resumed
+
+    async def main():
+        ctx = new_context()
+        assert not await exchange(ctx, "127.0.0.1")
+        assert await exchange(ctx, "127.0.0.1")
+        assert not await exchange(ctx, "db.example.test")  # never offered across names
+        assert await exchange(ctx, "db.example.test")
+        assert not await exchange(new_context(), "127.0.0.1")  # a refresh starts empty
+
+    run(main)
