@@ -396,8 +396,10 @@ def run(cfg: Config, warnings: list[str] | tuple[str, ...] = ()) -> int:
         )
 
     from proxy.eventloop import run_until_complete
+    from proxy.rlimits import raise_open_file_limit
     from proxy.supervisor import Supervisor
 
+    raise_open_file_limit(log)
     outcome = run_until_complete(lambda: Supervisor(cfg, log).run())
     if outcome.error:
         log.error("The proxy has encountered a terminal error: %s", outcome.error)

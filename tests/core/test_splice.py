@@ -7,6 +7,7 @@ import gc
 import hashlib
 import os
 import random
+import resource
 import socket
 import struct
 import threading
@@ -333,32 +334,77 @@ def test_on_done_exception_goes_to_the_loop_handler(run, tls_server, client_cont
     run(main)
 
 
-@pytest.mark.slow
 def test_one_gigabyte_through_one_connection(run, tls_server, client_context):
     server = tls_server()
+    block = os.urandom(4 * 1024 * 1024)
+    total = 1024 * 1024 * 1024
 
     async def main():
         loop = asyncio.get_running_loop()
         sock, _, done, _ = await spliced(client_context, server.port)
-        block = os.urandom(4 * 1024 * 1024)
-        total = 1024 * 1024 * 1024
+        sent = hashlib.sha256()
 
         async def writer():
             for _ in range(total // len(block)):
                 await loop.sock_sendall(sock, block)
+                sent.update(block)
             sock.shutdown(socket.SHUT_WR)
 
         async def reader():
+            got = hashlib.sha256()
             n = 0
             while data := await loop.sock_recv(sock, 1 << 20):
+                got.update(data)
                 n += len(data)
-            return n
+            return n, got.digest()
 
         start = time.monotonic()
-        _, n = await asyncio.gather(writer(), reader())
+        _, (n, digest) = await asyncio.gather(writer(), reader())
         assert n == total
+        assert digest == sent.digest()
         print(f"1 GiB echoed in {time.monotonic() - start:.1f}s")
-        await asyncio.wait_for(done, 10)
+        assert (await asyncio.wait_for(done, 10))[0] == _splice.CLIENT_CLOSED
         sock.close()
 
     run(main)
+
+
+def test_one_thousand_concurrent_connections(run, tls_server, client_context):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 5000:
+        pytest.skip(f"needs 5000 open files, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 5000), hard))
+    server = tls_server()
+    count = 1000
+
+    async def one(i, setup, all_open):
+        loop = asyncio.get_running_loop()
+        async with setup:  # the test server's accept backlog is small
+            sock, _, done, _ = await spliced(client_context, server.port)
+        opened.append(sock)
+        if len(opened) == count:
+            all_open.set()
+        await all_open.wait()  # every connection is open before any data moves
+        data = os.urandom(1000 + i)
+        await loop.sock_sendall(sock, data)
+        sock.shutdown(socket.SHUT_WR)
+        assert await recv_all(sock) == data
+        kind, message = await asyncio.wait_for(done, 60)
+        sock.close()
+        return kind, message
+
+    opened: list[socket.socket] = []
+
+    async def main():
+        opened.clear()
+        setup, all_open = asyncio.Semaphore(50), asyncio.Event()
+        results = await asyncio.gather(*(one(i, setup, all_open) for i in range(count)))
+        assert results == [(_splice.CLIENT_CLOSED, "")] * count
+        assert _splice.stats()["active"] == 0
+
+    before = fd_count()
+    try:
+        run(main)
+        assert_fds_back_to(before)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import signal
 import time
 import urllib.error
@@ -222,3 +223,21 @@ def test_prometheus_metrics(emulator, ports):
         assert "_total" not in text
     finally:
         proc.stop()
+
+
+def test_open_file_limit_is_raised_to_the_hard_limit(emulator, ports):
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= 1024:
+        pytest.skip(f"the hard limit ({hard}) leaves nothing to raise")
+    # Start the proxy with a soft limit of 1024, as a login shell would.
+    proc = ProxyProcess(
+        [URI, "--port", str(ports["proxy"]), "--token", "tok-app",
+         "--alloydbadmin-api-endpoint", emulator.admin_url],
+        prefix=["prlimit", "--nofile=1024:", "--"],
+    )  # fmt: skip
+    with proc:
+        proc.wait_ready()
+        with open(f"/proc/{proc.proc.pid}/limits") as fh:
+            line = next(row for row in fh if row.startswith("Max open files"))
+        soft = line.split()[3]
+        assert soft == ("unlimited" if hard == resource.RLIM_INFINITY else str(hard))
