@@ -234,9 +234,10 @@ cdef class TLSClientContext:
             # the socket is drained (edge-triggered readiness).
             | SSL_MODE_AUTO_RETRY,
         )
-        # Fetch several records per recv(); released again when idle.
+        # Fetch several records per recv() (sized like the data plane's
+        # scratch buffer); released again when idle.
         SSL_CTX_set_read_ahead(ctx, 1)
-        SSL_CTX_set_default_read_buffer_len(ctx, 65536 + 1024)
+        SSL_CTX_set_default_read_buffer_len(ctx, 131072 + 1024)
         # A peer that drops TCP without close_notify has still finished: the
         # PostgreSQL protocol frames its own messages, as Go treats io.EOF.
         SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF)
@@ -562,9 +563,10 @@ cdef extern from "openssl/ssl.h" nogil:
 
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 
-# Plaintext per read or write call: four TLS records. One scratch buffer of
-# this size per direction serves every connection of the thread.
-DEF SCRATCH = 65536
+# Plaintext per read or write call: eight TLS records (measured: fewer
+# syscalls per GB than 64 KiB, same latency). One scratch buffer of this
+# size per direction serves every connection of the thread.
+DEF SCRATCH = 131072
 # Rounds per connection per wakeup before the others get a turn.
 DEF PUMP_ROUNDS = 16
 DEF MAX_EVENTS = 256
