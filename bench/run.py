@@ -22,6 +22,7 @@ and Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime as dt
 import json
@@ -414,6 +415,48 @@ def idle_rss(port: int, pid: int, n: int) -> dict[str, float]:
     }
 
 
+def concurrent_connections(port: int, pid: int, n: int) -> dict[str, float]:
+    """Hold n tunnels open at once, each proven by a 1-byte echo; how many worked."""
+    socks: list[socket.socket] = []
+    ok = 0
+    rss_peak = 0
+    errors: collections.Counter[str] = collections.Counter()
+    try:
+        batch = 200
+        for start in range(0, n, batch):
+            group = []
+            for _ in range(min(batch, n - start)):
+                try:
+                    group.append(connect(port, timeout=30))
+                except OSError as exc:
+                    errors[f"connect: {exc}"] += 1
+            socks.extend(group)
+            for s in group:
+                try:
+                    s.sendall(b"c")
+                    recv_exact(s, 1)
+                    ok += 1
+                except OSError as exc:
+                    errors[f"echo: {exc}"] += 1
+        rss_peak = rss_kib(pid)
+        # All still open: one more echo on every connection.
+        alive = 0
+        for s in socks:
+            try:
+                s.sendall(b"d")
+                recv_exact(s, 1)
+                alive += 1
+            except OSError:
+                pass
+    finally:
+        for s in socks:
+            s.close()
+    time.sleep(3.0)  # let the relay tear them down before the next path
+    for text, count in errors.most_common(5):
+        log(f"  {count} × {text}")
+    return {"ok": float(min(ok, alive)), "rss_mib": rss_peak / 1024}
+
+
 # ---------------------------------------------------------------- report
 
 # metric key -> (label, unit, better: "higher"/"lower", target text, check(ours, go) -> bool|None)
@@ -439,12 +482,15 @@ METRICS: list[tuple[str, str, str, str, str, Check | None]] = [
      lambda o, g: o <= 32),
     ("start_to_ready_ms", "process start → ready (median)", "ms", "lower", "≤ 300 ms",
      lambda o, g: o <= 300),
+    ("concurrent_ok", "N concurrent connections: working", "conns", "higher", "all N work",
+     None),
+    ("concurrent_rss_mib", "  … relay RSS with N open", "MiB", "lower", "", None),
 ]  # fmt: skip
 
 
 # Start-up is not comparable (the Go baseline reads files, ours resolves credentials and
 # opens listeners in Python), so no ratio is shown for it.
-RATIO_KEYS = {m[0] for m in METRICS} - {"start_to_ready_ms"}
+RATIO_KEYS = {m[0] for m in METRICS} - {"start_to_ready_ms", "concurrent_ok"}
 # Targets that do not depend on the Go number.
 ABSOLUTE_KEYS = {"rss_kib_per_conn", "start_to_ready_ms"}
 
@@ -496,6 +542,11 @@ def markdown(summary: dict[str, dict[str, float]], meta: dict[str, Any]) -> str:
                 ok = None
             met = "–" if ok is None else ("yes" if ok else "**no**")
         label = label.replace("N idle", f"{meta['idle_connections']:,} idle")
+        if key.startswith("concurrent_"):
+            label = label.replace("N ", f"{meta.get('concurrent_connections', 0):,} ")
+        if key == "concurrent_ok" and ours is not None:
+            met = "yes" if ours == meta.get("concurrent_connections") else "**no**"
+            target = f"all {meta.get('concurrent_connections', 0):,} work"
         lines.append(
             "| "
             + " | ".join([label, unit] + [fmt(v) for v in values] + [ratio, target, met])
@@ -551,28 +602,54 @@ def chart(summary: dict[str, dict[str, float]], path: str) -> bool:
 def main() -> int:
     ap = argparse.ArgumentParser(description="Data-path benchmark: ours vs Go vs naive Python.")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer rounds (~4 min)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, one round: proves every step runs (CI); numbers mean nothing",
+    )
+    ap.add_argument("--out", default=RESULTS, help="directory for latest.{json,md,png}")
     ap.add_argument("--rounds", type=int, help="alternating rounds (default 3, quick 2)")
     ap.add_argument("--mb", type=int, help="MB per throughput run (default 1000, quick 200)")
     ap.add_argument("--pgbench-seconds", type=int, help="default 15, quick 5")
     ap.add_argument("--idle", type=int, help="idle connections for RSS (default 2000)")
     ap.add_argument(
-        "--skip", default="", help="comma list of: throughput,ping,pgbench,connect,rss,startup"
+        "--concurrent", type=int, help="connections held at once (default 10000, quick 2000)"
+    )
+    ap.add_argument(
+        "--skip",
+        default="",
+        help="comma list of: throughput,ping,pgbench,connect,rss,startup,concurrent",
     )
     ap.add_argument("--keep-logs", action="store_true", help="keep the temporary log directory")
     args = ap.parse_args()
-    quick = args.quick
-    rounds = args.rounds or (2 if quick else 3)
-    nbytes = (args.mb or (200 if quick else 1000)) * 1_000_000
-    pgb_seconds = args.pgbench_seconds or (5 if quick else 15)
-    idle_n = args.idle or 2000
-    ping_count = 2000
-    connect_count = 20 if quick else 50
-    startup_runs = 5 if quick else 10
+    smoke = args.smoke
+    quick = args.quick or smoke
+    rounds = args.rounds or (1 if smoke else 2 if quick else 3)
+    nbytes = (args.mb or (20 if smoke else 200 if quick else 1000)) * 1_000_000
+    pgb_seconds = args.pgbench_seconds or (2 if smoke else 5 if quick else 15)
+    idle_n = args.idle or (100 if smoke else 2000)
+    concurrent_n = args.concurrent or (200 if smoke else 2000 if quick else 10000)
+    ping_count = 200 if smoke else 2000
+    connect_count = 5 if smoke else 20 if quick else 50
+    startup_runs = 2 if smoke else 5 if quick else 10
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
 
+    # Inherited by the relays: 10,000 tunnels need over 20,000 fds in a relay.
+    # Root may raise the hard limit; others get what their hard limit allows.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = max(soft, min(hard, 65536)) if hard != resource.RLIM_INFINITY else 65536
-    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # inherited by the relays
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (65536, max(hard, 65536)))
+    except (OSError, ValueError):
+        want = max(soft, min(hard, 65536)) if hard != resource.RLIM_INFINITY else 65536
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+    # A relay holds two fds per tunnel (client and instance) plus a few of its own.
+    fd_hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if fd_hard != resource.RLIM_INFINITY and concurrent_n > (fd_hard - 100) // 2:
+        capped = (fd_hard - 100) // 2
+        log(f"open-file hard limit is {fd_hard} and cannot be raised here: "
+            f"{capped} concurrent connections instead of {concurrent_n}")  # fmt: skip
+        concurrent_n = capped
 
     tmp = tempfile.mkdtemp(prefix="alloydb-bench-")
     procs = Procs(tmp)
@@ -711,6 +788,14 @@ def main() -> int:
                 log(f"{r:14s} idle RSS {res['rss_before_kib']} → {res['rss_after_kib']} KiB: "
                     f"{res['kib_per_conn']:.1f} KiB/conn")  # fmt: skip
 
+        if "concurrent" not in skip:
+            for r in ("ours", "go"):
+                res = concurrent_connections(ports[r]["echo"], relay_pid[r], concurrent_n)
+                add(r, "concurrent_ok", res["ok"])
+                add(r, "concurrent_rss_mib", res["rss_mib"])
+                log(f"{r:14s} {res['ok']:.0f} of {concurrent_n} concurrent connections worked "
+                    f"(relay RSS {res['rss_mib']:.0f} MiB)")  # fmt: skip
+
         if "startup" not in skip:
             sport = free_port_block(2)
             for _ in range(startup_runs):
@@ -750,7 +835,7 @@ def main() -> int:
 
     summary = summarize(samples)
     meta = {
-        "mode": "quick" if quick else "full",
+        "mode": "smoke" if smoke else "quick" if quick else "full",
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([".venv/bin/python", "bench/run.py", *sys.argv[1:]]),
         "rounds": rounds,
@@ -759,6 +844,8 @@ def main() -> int:
         "ping_count": ping_count,
         "connect_count": connect_count,
         "idle_connections": idle_n,
+        "concurrent_connections": concurrent_n,
+        "open_file_hard_limit": None if fd_hard == resource.RLIM_INFINITY else fd_hard,
         "startup_runs": startup_runs,
         "machine": {
             "cpus": os.cpu_count(),
@@ -776,15 +863,15 @@ def main() -> int:
         if check is not None and ours is not None and go is not None:
             entry["met"] = bool(check(ours, go))
         ratios[key] = entry
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "latest.json"), "w") as fh:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "latest.json"), "w") as fh:
         json.dump(
             {"meta": meta, "summary": summary, "targets": ratios, "samples": samples}, fh, indent=2
         )
     md = markdown(summary, meta)
-    with open(os.path.join(RESULTS, "latest.md"), "w") as fh:
+    with open(os.path.join(args.out, "latest.md"), "w") as fh:
         fh.write(md)
-    png = os.path.join(RESULTS, "latest.png")
+    png = os.path.join(args.out, "latest.png")
     if chart(summary, png):
         log(f"chart: {png}")
     else:

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs everything the proxy, its demo and its tests need on a fresh Debian
-# machine: system packages (PostgreSQL, the OpenSSL headers, a C compiler) and
+# machine: system packages (PostgreSQL, the OpenSSL headers, a C compiler, Go) and
 # a virtualenv in .venv with the package built in place plus its test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(postgresql postgresql-client postgresql-contrib libssl-dev gcc util-linux procps)
+# golang-go builds the Go baseline of the benchmark, whose smoke run is a test.
+APT_PACKAGES=(postgresql postgresql-client postgresql-contrib libssl-dev gcc util-linux procps golang-go)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
