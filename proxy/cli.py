@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -26,6 +27,10 @@ from proxy.settings import load_config_file, overlay, parse_go_bool, parse_go_du
 
 PROG = "alloydb-auth-proxy"
 SHORT_HELP = "alloydb-auth-proxy provides a secure way to authorize connections to AlloyDB."
+FUSE_UNSUPPORTED = (
+    "this proxy does not implement FUSE mounts; "
+    "use --unix-socket for one socket per instance instead"
+)
 MISSING_INSTANCE = (
     "missing instance uri (e.g., projects/$PROJECT/locations/$LOCATION/"
     "clusters/$CLUSTER/instances/$INSTANCE)"
@@ -231,6 +236,58 @@ class _CobraStyleCommand(click.Command):
     "--prometheus-namespace", default="", help="Use the provided Prometheus namespace for metrics"
 )
 @click.option(
+    "--with-backend-check",
+    is_flag=True,
+    help="Adds a backend dial check to the startup probe: /startup also dials every instance.",
+)
+@click.option(
+    "--debug",
+    is_flag=True,
+    help="Enable the profiling endpoints under /debug/pprof/ on the localhost admin server.",
+)
+@click.option(
+    "--static-connection-info",
+    default="",
+    help="JSON file with static connection info for instances (development only).",
+)
+@click.option(
+    "--telemetry-project",
+    default="",
+    help="Enable Cloud Monitoring and Cloud Trace integration with the provided project ID (not exported by this proxy).",
+)
+@click.option("--telemetry-prefix", default="", help="Prefix to use for Cloud Monitoring metrics.")
+@click.option(
+    "--telemetry-sample-rate",
+    type=int,
+    default=10000,
+    help="Configure the denominator of the probabilistic sample rate of traces sent to Cloud Trace.",
+)
+@click.option(
+    "--disable-traces",
+    is_flag=True,
+    help="Disable Cloud Trace integration (used with telemetry-project)",
+)
+@click.option(
+    "--disable-metrics",
+    is_flag=True,
+    help="Disable Cloud Monitoring integration (used with telemetry-project)",
+)
+@click.option(
+    "--disable-built-in-telemetry",
+    is_flag=True,
+    help="Disables the internal metric reporter (this proxy has none).",
+)
+@click.option(
+    "--fuse",
+    default="",
+    help="Mount a directory at the path using FUSE to access AlloyDB instances (not supported by this proxy).",
+)
+@click.option(
+    "--fuse-tmp-dir",
+    default=os.path.join(tempfile.gettempdir(), "alloydb-tmp"),
+    help="Temp dir for Unix sockets created with FUSE",
+)
+@click.option(
     "--config-file",
     default="",
     help="Path to a TOML, YAML or JSON file containing configuration options.",
@@ -298,6 +355,9 @@ def build_config(
     instances: tuple[str, ...], opts: dict[str, Any], set_options: frozenset[str]
 ) -> Config:
     """Validate flags in the Go proxy's order and build the Config (pure)."""
+    if opts["fuse"]:
+        # The Go proxy's check when FUSE cannot be used on this system.
+        raise BadCommandError(f"--fuse is not supported: {FUSE_UNSUPPORTED}")
     if not instances:
         raise BadCommandError(MISSING_INSTANCE)
     parsed = tuple(parse_instance_arg(arg) for arg in instances)
@@ -377,6 +437,15 @@ def build_config(
         run_connection_test=opts["run_connection_test"],
         prometheus=opts["prometheus"],
         prometheus_namespace=opts["prometheus_namespace"],
+        debug=opts["debug"],
+        with_backend_check=opts["with_backend_check"],
+        static_connection_info=opts["static_connection_info"],
+        telemetry_project=opts["telemetry_project"],
+        telemetry_prefix=opts["telemetry_prefix"],
+        telemetry_sample_rate=opts["telemetry_sample_rate"],
+        disable_traces=opts["disable_traces"],
+        disable_metrics=opts["disable_metrics"],
+        disable_built_in_telemetry=opts["disable_built_in_telemetry"],
         set_options=set_options,
     )
 
@@ -390,6 +459,12 @@ def run(cfg: Config, warnings: list[str] | tuple[str, ...] = ()) -> int:
         log.info("Using API Endpoint %s", cfg.api_endpoint)
     if "http_port" in cfg.set_options and not (cfg.health_check or cfg.prometheus):
         log.info("Ignoring --http-port because --prometheus or --health-check was not set")
+    if cfg.telemetry_project:
+        log.info(
+            "Cloud Monitoring and Cloud Trace export is not supported by this proxy; "
+            '--telemetry-project "%s" is ignored (use --prometheus for metrics)',
+            cfg.telemetry_project,
+        )
     if cfg.login_token and not any(cfg.auto_iam_for(i) for i in cfg.instances):
         log.info(
             "Ignoring --login-token because --auto-iam-authn is not enabled (globally or per-instance)"

@@ -219,6 +219,15 @@ class Config:
     run_connection_test: bool = False
     prometheus: bool = False
     prometheus_namespace: str = ""
+    debug: bool = False
+    with_backend_check: bool = False
+    static_connection_info: str = ""
+    telemetry_project: str = ""
+    telemetry_prefix: str = ""
+    telemetry_sample_rate: int = 10000
+    disable_traces: bool = False
+    disable_metrics: bool = False
+    disable_built_in_telemetry: bool = False
 
     # Which options the user set explicitly (flag, env or file), for the
     # "Ignoring ..." logs and conflict checks that the Go proxy does.

@@ -14,12 +14,19 @@ import socket
 
 from proxy import __version__, _splice, mdx, tlsconn
 from proxy.adminapi import AdminAPIClient
-from proxy.cache import ConnectionInfoCache, KeyPair, LazyCache, RefreshAheadCache
+from proxy.cache import (
+    ConnectionInfo,
+    ConnectionInfoCache,
+    KeyPair,
+    LazyCache,
+    RefreshAheadCache,
+)
 from proxy.config import SERVER_PROXY_PORT, Config, InstanceConfig, InstanceURI
 from proxy.credentials import CredentialSet
 from proxy.errors import ConfigError, DialError, MetadataExchangeError
 from proxy.log import Logger
 from proxy.metrics import Metrics
+from proxy.staticinfo import StaticCache
 
 #: Sent in every metadata exchange, like the Go connector's own name/version.
 MDX_USER_AGENT = f"alloydb-python-proxy/{__version__}"
@@ -45,8 +52,10 @@ class Dialer:
         keys: KeyPair,
         log: Logger,
         metrics: Metrics | None = None,
+        static: dict[str, ConnectionInfo] | None = None,
     ) -> None:
         self._metrics = metrics
+        self._static = static  # --static-connection-info replaces the Admin API
         self._cfg = cfg
         self._credentials = credentials
         self._client = client
@@ -58,8 +67,11 @@ class Dialer:
     def _cache(self, uri: InstanceURI) -> ConnectionInfoCache:
         cache = self._caches.get(uri)
         if cache is None:
-            kind = LazyCache if self._cfg.lazy_refresh else RefreshAheadCache
-            cache = kind(uri, self._client, self._keys, self._log, self._metrics)
+            if self._static is not None:
+                cache = StaticCache(uri, self._static)
+            else:
+                kind = LazyCache if self._cfg.lazy_refresh else RefreshAheadCache
+                cache = kind(uri, self._client, self._keys, self._log, self._metrics)
             self._caches[uri] = cache
         return cache
 

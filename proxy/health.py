@@ -1,12 +1,15 @@
 """The health-check server and the localhost admin server, on the proxy's own loop.
 
 Health (``--health-check`` on ``--http-address:--http-port``), any method:
-  /startup    200 ``ok`` once listeners accept; 503 ``error`` before
+  /startup    200 ``ok`` once listeners accept; 503 ``error`` before; with
+              ``--with-backend-check`` also 503 (and the dial errors) while
+              any instance cannot be dialled
   /liveness   200 ``ok`` while the process serves HTTP at all
   /readiness  200 ``ok`` when started, not shutting down and below
               ``--max-connections``; 503 with the reason otherwise
-Admin (``--quitquitquit`` on ``localhost:--admin-port``):
+Admin (``--quitquitquit`` and/or ``--debug`` on ``localhost:--admin-port``):
   /quitquitquit  GET or POST: 200, then the proxy shuts down (exit 0); other methods 400
+  /debug/pprof/  see proxy/profiling.py
 
 A small HTTP/1.1 handler is all these need; it answers one request per
 connection and never blocks the loop.
@@ -21,8 +24,15 @@ from dataclasses import dataclass
 from proxy.log import Logger
 from proxy.metrics import Metrics
 
-Handler = Callable[[str], Awaitable[tuple[int, str]]]
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 503: "Service Unavailable"}
+#: handler(method, query string) -> (status, body)
+Handler = Callable[[str, str], Awaitable[tuple[int, str]]]
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+}
 _READ_TIMEOUT = 5.0
 
 
@@ -36,7 +46,7 @@ class ProbeState:
 
 
 class HTTPServer:
-    """Routes ``path`` to ``handler(method) -> (status, body)``."""
+    """Routes ``path`` to ``handler(method, query) -> (status, body)``."""
 
     def __init__(self, routes: dict[str, Handler]) -> None:
         self._routes = routes
@@ -62,9 +72,10 @@ class HTTPServer:
             parts = line.decode("latin-1").split()
             if len(parts) < 2:
                 return
-            method, path = parts[0], parts[1].split("?", 1)[0]
+            method, target = parts[0], parts[1]
+            path, _, query = target.partition("?")
             route = self._routes.get(path)
-            status, body = await route(method) if route else (404, "404 page not found\n")
+            status, body = await route(method, query) if route else (404, "404 page not found\n")
             data = body.encode()
             writer.write(
                 f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n"
@@ -80,15 +91,27 @@ class HTTPServer:
 
 
 def health_routes(
-    state: ProbeState, connections: Callable[[], int], log: Logger
+    state: ProbeState,
+    connections: Callable[[], int],
+    log: Logger,
+    backend_check: Callable[[], Awaitable[list[str]]] | None = None,
 ) -> dict[str, Handler]:
-    async def startup(_method: str) -> tuple[int, str]:
-        return (200, "ok") if state.started else (503, "error")
-
-    async def liveness(_method: str) -> tuple[int, str]:
+    async def startup(_method: str, _query: str) -> tuple[int, str]:
+        if not state.started:
+            return 503, "error"
+        if backend_check is not None:
+            # --with-backend-check: dial every instance on each probe.
+            errors = await backend_check()
+            if errors:
+                problem = ", ".join(errors)
+                log.error("[Health Check] Startup failed: %s", problem)
+                return 503, problem
         return 200, "ok"
 
-    async def readiness(_method: str) -> tuple[int, str]:
+    async def liveness(_method: str, _query: str) -> tuple[int, str]:
+        return 200, "ok"
+
+    async def readiness(_method: str, _query: str) -> tuple[int, str]:
         problem = ""
         if not state.started:
             problem = "proxy is not started"
@@ -107,7 +130,7 @@ def health_routes(
 
 
 def admin_routes(on_quit: Callable[[], None]) -> dict[str, Handler]:
-    async def quitquitquit(method: str) -> tuple[int, str]:
+    async def quitquitquit(method: str, _query: str) -> tuple[int, str]:
         if method not in ("GET", "POST"):
             return 400, ""
         on_quit()
@@ -117,7 +140,7 @@ def admin_routes(on_quit: Callable[[], None]) -> dict[str, Handler]:
 
 
 def metrics_route(metrics: Metrics) -> Handler:
-    async def render(_method: str) -> tuple[int, str]:
+    async def render(_method: str, _query: str) -> tuple[int, str]:
         return 200, metrics.render()
 
     return render

@@ -14,7 +14,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from proxy import __version__, sdnotify
+from proxy import __version__, sdnotify, staticinfo
 from proxy.adminapi import AdminAPIClient
 from proxy.cache import KeyPair
 from proxy.config import Config
@@ -24,6 +24,7 @@ from proxy.errors import ProxyError
 from proxy.health import HTTPServer, ProbeState, admin_routes, health_routes, metrics_route
 from proxy.log import Logger
 from proxy.metrics import Metrics
+from proxy.profiling import debug_routes
 from proxy.server import ProxyServer
 from proxy.settings import format_go_duration
 
@@ -117,8 +118,9 @@ class Supervisor:
     async def _start_http(self, server: ProxyServer, started: list[HTTPServer]) -> None:
         cfg, log = self._cfg, self._log
         if cfg.health_check or self.metrics is not None:
+            check = server.connection_test if cfg.with_backend_check else None
             routes = (
-                health_routes(self.probes, lambda: server.connection_count, log)
+                health_routes(self.probes, lambda: server.connection_count, log, check)
                 if cfg.health_check
                 else {}
             )
@@ -128,11 +130,17 @@ class Supervisor:
             await health.start(cfg.http_address, int(cfg.http_port))
             started.append(health)
             log.info("Starting health check server at %s:%s", cfg.http_address, cfg.http_port)
-        if cfg.quitquitquit:
-            admin = HTTPServer(admin_routes(self._on_quit))
+        if cfg.quitquitquit or cfg.debug:
+            admin_table = admin_routes(self._on_quit) if cfg.quitquitquit else {}
+            if cfg.debug:
+                admin_table.update(debug_routes())
+            admin = HTTPServer(admin_table)
             await admin.start("localhost", int(cfg.admin_port))
             started.append(admin)
-            log.info("Enabling quitquitquit endpoint at localhost:%s", cfg.admin_port)
+            if cfg.quitquitquit:
+                log.info("Enabling quitquitquit endpoint at localhost:%s", cfg.admin_port)
+            if cfg.debug:
+                log.info("Enabling pprof endpoints at localhost:%s", cfg.admin_port)
 
     def _notify(self, state: str, what: str) -> None:
         try:
@@ -201,9 +209,15 @@ class Supervisor:
             )
         except ProxyError as exc:
             raise ProxyError(f"unable to start: {exc}") from None
+        static = None
+        if cfg.static_connection_info:
+            try:
+                static = staticinfo.load(cfg.static_connection_info)
+            except staticinfo.StaticInfoError as exc:
+                raise ProxyError(f"unable to start: error initializing dialer: {exc}") from None
         keys = await KeyPair.generate_async()
         client = AdminAPIClient(cfg.api_endpoint, credentials.api, user_agent(cfg))
-        dialer = Dialer(cfg, credentials, client, keys, log, self.metrics)
+        dialer = Dialer(cfg, credentials, client, keys, log, self.metrics, static)
         server = ProxyServer(cfg, dialer, log, self.metrics)
         try:
             server.open_listeners()

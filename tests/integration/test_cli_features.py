@@ -1,0 +1,236 @@
+"""Flags beyond the main path: --debug, --with-backend-check, --static-connection-info,
+telemetry, --fuse, IPv6 listeners, log formats and --user-agent (real CLI subprocess)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from proxy.emulator.pki import key_pem, new_key
+
+from .conftest import URI, psql
+from .proxyproc import ProxyProcess, free_port_block
+
+SHORT = "project-id.us-central1.clust.inst"
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_debug_serves_python_profiles_on_the_admin_port(start_proxy, port):
+    admin = free_port_block(1)
+    proxy = start_proxy(URI, "--port", str(port), "--debug", "--admin-port", str(admin))
+    proxy.wait_for(f"Enabling pprof endpoints at localhost:{admin}")
+    base = f"http://127.0.0.1:{admin}/debug/pprof/"
+
+    status, index = get(base)
+    assert status == 200
+    for name in ("goroutine", "heap", "profile", "cmdline"):
+        assert f"/debug/pprof/{name}" in index
+    status, tasks = get(base + "goroutine")
+    assert status == 200 and "asyncio task(s)" in tasks and "thread" in tasks
+    status, heap = get(base + "heap")
+    assert status == 200 and re.search(r"^rss_kib \d+$", heap, re.M)
+    status, profile = get(base + "profile?seconds=1")
+    assert status == 200 and "samples of the event-loop thread over 1s" in profile
+    assert get(base + "profile?seconds=nope")[0] == 400
+    status, cmdline = get(base + "cmdline")
+    assert status == 200 and URI in cmdline.split("\x00")
+    assert get(base + "trace")[0] == 501
+    # The proxy kept serving while it was being profiled.
+    assert psql("SELECT 1", host="127.0.0.1", port=port).stdout.strip() == "1"
+
+
+def test_with_backend_check_dials_on_every_startup_probe(start_proxy, emulator, port):
+    http = free_port_block(1)
+    proxy = start_proxy(
+        URI, "--port", str(port), "--health-check", "--with-backend-check",
+        "--http-address", "127.0.0.1", "--http-port", str(http),
+    )  # fmt: skip
+    proxy.wait_for("Starting health check server")
+    startup = f"http://127.0.0.1:{http}/startup"
+    assert get(startup) == (200, "ok")
+
+    emulator.instances[URI].faults.set(mdx_error="instance is in maintenance")
+    status, body = get(startup)
+    assert status == 503 and "instance is in maintenance" in body
+    proxy.wait_for(r"\[Health Check\] Startup failed: .*instance is in maintenance")
+
+    emulator.instances[URI].faults.set(mdx_error=None)
+    assert get(startup) == (200, "ok")
+
+
+def test_without_backend_check_startup_does_not_dial(start_proxy, emulator, port):
+    http = free_port_block(1)
+    proxy = start_proxy(
+        URI, "--port", str(port), "--health-check",
+        "--http-address", "127.0.0.1", "--http-port", str(http),
+    )  # fmt: skip
+    proxy.wait_for("Starting health check server")
+    emulator.instances[URI].faults.set(mdx_error="instance is in maintenance")
+    assert get(f"http://127.0.0.1:{http}/startup") == (200, "ok")
+
+
+def static_info_file(emulator, tmp_path):
+    inst = emulator.instances[URI]
+    key = new_key()
+    leaf = inst.ca.client_certificate(key.public_key(), dt.timedelta(hours=1))
+    path = tmp_path / "static.json"
+    path.write_text(
+        json.dumps(
+            {
+                "publicKey": "",
+                "privateKey": key_pem(key).decode(),
+                URI: {
+                    "ipAddress": inst.private_ip,
+                    "publicIpAddress": inst.public_ip,
+                    "pscInstanceConfig": {"pscDnsName": inst.psc_dns_name},
+                    "pemCertificateChain": inst.ca.chain_pems(leaf),
+                    "caCert": inst.ca.root_pem,
+                },
+            }
+        )
+    )
+    return path
+
+
+def test_static_connection_info_needs_no_admin_api(emulator, port, tmp_path):
+    path = static_info_file(emulator, tmp_path)
+    before = len(emulator.admin_requests)
+    dead_api = f"http://127.0.0.1:{free_port_block(1)}"
+    with ProxyProcess(
+        [URI, "--port", str(port), "--token", "tok-app",
+         "--static-connection-info", str(path), "--alloydbadmin-api-endpoint", dead_api],
+    ) as proxy:  # fmt: skip
+        proxy.wait_ready()
+        assert psql("SELECT 40 + 2", host="127.0.0.1", port=port).stdout.strip() == "42"
+    assert len(emulator.admin_requests) == before
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (None, r"open {path}: no such file or directory"),
+        ("{not json", r"{path}: invalid JSON: "),
+        ('{"privateKey": "x", "' + URI + '": {"caCert": "c"}}',
+         r'{path}: instance "{uri}": "pemCertificateChain" must be a list of PEM strings'),
+    ],
+    ids=["missing", "not-json", "no-chain"],
+)  # fmt: skip
+def test_bad_static_connection_info_is_a_terminal_error(emulator, tmp_path, content, reason):
+    path = tmp_path / "static.json"
+    if content is not None:
+        path.write_text(content)
+    proxy = ProxyProcess(
+        [URI, "--port", str(free_port_block(1)), "--token", "tok-app",
+         "--static-connection-info", str(path)],
+    )  # fmt: skip
+    assert proxy.wait_exit() == 1
+    expected = reason.format(path=re.escape(str(path)), uri=re.escape(URI))
+    proxy.wait_for(
+        r"The proxy has encountered a terminal error: unable to start: "
+        r"error initializing dialer: " + expected,
+        stream="stderr",
+    )
+
+
+def test_telemetry_flags_are_accepted_and_say_what_is_not_exported(start_proxy, port):
+    proxy = start_proxy(
+        URI, "--port", str(port), "--telemetry-project", "my-project",
+        "--telemetry-prefix", "p", "--telemetry-sample-rate", "100",
+        "--disable-traces", "--disable-metrics", "--disable-built-in-telemetry",
+    )  # fmt: skip
+    proxy.wait_for(
+        r"Cloud Monitoring and Cloud Trace export is not supported by this proxy; "
+        r'--telemetry-project "my-project" is ignored'
+    )
+
+
+def test_fuse_is_refused_with_the_go_message(tmp_path):
+    proxy = ProxyProcess(["--fuse", str(tmp_path)])
+    assert proxy.wait_exit() == 1
+    err = "\n".join(proxy.stderr)
+    assert err.startswith("Error: --fuse is not supported: ")
+    assert "Usage:" in err
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_ipv6_listeners(start_proxy, port):
+    proxy = start_proxy(URI, "--address", "::1", "--port", str(port))
+    assert f"[{SHORT}] Listening on [::1]:{port}" in proxy.output
+    assert psql("SELECT 1", host="::1", port=port).stdout.strip() == "1"
+
+    other = free_port_block(1)
+    query = start_proxy(f"{URI}?address=::1&port={other}")
+    assert f"[{SHORT}] Listening on [::1]:{other}" in query.output
+
+
+def test_structured_logs_are_json_lines(start_proxy, port):
+    proxy = start_proxy(URI, "--port", str(port), "--structured-logs")
+    psql("SELECT 1", host="127.0.0.1", port=port)
+    proxy.wait_for("accepted connection")
+    records = [json.loads(line) for line in proxy.stdout if line.strip()]
+    assert records, "no log lines"
+    for record in records:
+        assert set(record) == {"timestamp", "severity", "message"}
+        dt.datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00"))
+    assert any(
+        r["severity"] == "INFO" and r["message"].endswith("ready for new connections!")
+        for r in records
+    )
+
+
+def wait_listening(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def test_quiet_logs_errors_only(start_proxy, emulator, port):
+    # No ready line under --quiet: wait for the listener instead.
+    proxy = start_proxy(URI, "--port", str(port), "--quiet", ready=False)
+    wait_listening(port)
+    assert psql("SELECT 1", host="127.0.0.1", port=port).stdout.strip() == "1"
+    emulator.instances[URI].faults.set(mdx_error="refused for the test")
+    psql("SELECT 1", host="127.0.0.1", port=port, check=False)
+    proxy.wait_for("refused for the test", stream="stderr")
+    assert proxy.stdout == []
+
+
+def test_user_agent_is_appended_in_admin_api_calls(start_proxy, emulator, port):
+    start_proxy(URI, "--port", str(port), "--user-agent", "custom-agent/0.0.1 etl/2")
+    psql("SELECT 1", host="127.0.0.1", port=port)
+    agents = {r.user_agent for r in emulator.admin_requests}
+    assert any(
+        re.fullmatch(
+            r"alloydb-python-proxy/\S+ alloy-db-auth-proxy/\S+ custom-agent/0.0.1 etl/2", a
+        )
+        for a in agents
+    ), agents
