@@ -13,7 +13,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -284,8 +283,8 @@ class _CobraStyleCommand(click.Command):
 )
 @click.option(
     "--fuse-tmp-dir",
-    default=os.path.join(tempfile.gettempdir(), "alloydb-tmp"),
-    help="Temp dir for Unix sockets created with FUSE",
+    default="",
+    help="Temp dir for Unix sockets created with FUSE (default $TMPDIR/alloydb-tmp)",
 )
 @click.option(
     "--config-file",

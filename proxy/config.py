@@ -94,6 +94,19 @@ def _go_quote_list(values: list[str]) -> str:
     return "[" + " ".join(f'"{v}"' for v in values) + "]"
 
 
+#: The instance-URI query parameters (``URI?port=6000&psc``), for the docs;
+#: parse_instance_arg reads exactly these keys and ignores others, as Go does.
+QUERY_PARAMETERS: dict[str, str] = {
+    "address": "IP literal: TCP bind address for this instance",
+    "port": "integer: fixed TCP port for this instance (does not consume the --port counter)",
+    "unix-socket": "directory: a Unix socket at <dir>/<short name>/.s.PGSQL.5432",
+    "unix-socket-path": "path: the exact Unix socket (.s.PGSQL.5432 appended if missing)",
+    "auto-iam-authn": "bool: Automatic IAM Authentication (in effect for every instance)",
+    "public-ip": "bool: dial the instance's public IP",
+    "psc": "bool: dial the instance's PSC DNS name (wins over public-ip)",
+}
+
+
 def parse_instance_arg(arg: str) -> InstanceConfig:
     """Parse one positional instance argument, ``URI[?query]``."""
     uri_text, sep, query = arg.partition("?")
