@@ -1,11 +1,11 @@
 # cython: language_level=3
 """The hot path: TLS 1.3 client connections on raw socket fds, and splicing.
 
-libssl is called directly on the socket fd (no MemoryBIO, no ssl.SSLObject):
-measured here at 1.3x-2.7x the speed of the ssl module's object API, and the
-only route to kernel TLS later. Python meets this module at connection edges
-only (context creation, handshake, metadata exchange, start, end); bytes move
-in C between two fixed buffers. See _splice.pxd for the design and ownership.
+libssl is called directly (no MemoryBIO, no ssl.SSLObject): measured here at
+1.3x-2.7x the speed of the ssl module's object API. Python meets this module
+at connection edges only (context creation, handshake, metadata exchange,
+start, end); in between, one native data-plane thread moves the bytes without
+the GIL (see "The data plane" below, and _splice.pxd for ownership).
 """
 
 from libc.stdlib cimport malloc, calloc, realloc, free
@@ -555,7 +555,6 @@ cdef extern from "sys/socket.h" nogil:
 
 cdef extern from "string.h" nogil:
     void *memcpy(void *dst, const void *src, size_t n)
-    size_t strlen(const char *s)
     char *strncpy(char *dst, const char *src, size_t n)
 
 cdef extern from "openssl/ssl.h" nogil:
