@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -76,3 +78,13 @@ def psql(
     if check and result.returncode != 0:
         raise AssertionError(f"psql failed ({result.returncode}): {result.stderr}")
     return result
+
+
+def http_get(url: str, method: str = "GET") -> tuple[int, str]:
+    """(status, body) of one HTTP request; error statuses are returned, not raised."""
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()

@@ -8,25 +8,15 @@ import json
 import re
 import socket
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 from proxy.emulator.pki import key_pem, new_key
 
-from .conftest import URI, psql
+from .conftest import URI, http_get, psql
 from .proxyproc import ProxyProcess, free_port_block
 
 SHORT = "project-id.us-central1.clust.inst"
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
 
 
 def test_debug_serves_python_profiles_on_the_admin_port(start_proxy, port):
@@ -35,20 +25,20 @@ def test_debug_serves_python_profiles_on_the_admin_port(start_proxy, port):
     proxy.wait_for(f"Enabling pprof endpoints at localhost:{admin}")
     base = f"http://127.0.0.1:{admin}/debug/pprof/"
 
-    status, index = get(base)
+    status, index = http_get(base)
     assert status == 200
     for name in ("goroutine", "heap", "profile", "cmdline"):
         assert f"/debug/pprof/{name}" in index
-    status, tasks = get(base + "goroutine")
+    status, tasks = http_get(base + "goroutine")
     assert status == 200 and "asyncio task(s)" in tasks and "thread" in tasks
-    status, heap = get(base + "heap")
+    status, heap = http_get(base + "heap")
     assert status == 200 and re.search(r"^rss_kib \d+$", heap, re.M)
-    status, profile = get(base + "profile?seconds=1")
+    status, profile = http_get(base + "profile?seconds=1")
     assert status == 200 and "samples of the event-loop thread over 1s" in profile
-    assert get(base + "profile?seconds=nope")[0] == 400
-    status, cmdline = get(base + "cmdline")
+    assert http_get(base + "profile?seconds=nope")[0] == 400
+    status, cmdline = http_get(base + "cmdline")
     assert status == 200 and URI in cmdline.split("\x00")
-    assert get(base + "trace")[0] == 501
+    assert http_get(base + "trace")[0] == 501
     # The proxy kept serving while it was being profiled.
     assert psql("SELECT 1", host="127.0.0.1", port=port).stdout.strip() == "1"
 
@@ -61,15 +51,15 @@ def test_with_backend_check_dials_on_every_startup_probe(start_proxy, emulator, 
     )  # fmt: skip
     proxy.wait_for("Starting health check server")
     startup = f"http://127.0.0.1:{http}/startup"
-    assert get(startup) == (200, "ok")
+    assert http_get(startup) == (200, "ok")
 
     emulator.instances[URI].faults.set(mdx_error="instance is in maintenance")
-    status, body = get(startup)
+    status, body = http_get(startup)
     assert status == 503 and "instance is in maintenance" in body
     proxy.wait_for(r"\[Health Check\] Startup failed: .*instance is in maintenance")
 
     emulator.instances[URI].faults.set(mdx_error=None)
-    assert get(startup) == (200, "ok")
+    assert http_get(startup) == (200, "ok")
 
 
 def test_without_backend_check_startup_does_not_dial(start_proxy, emulator, port):
@@ -80,7 +70,7 @@ def test_without_backend_check_startup_does_not_dial(start_proxy, emulator, port
     )  # fmt: skip
     proxy.wait_for("Starting health check server")
     emulator.instances[URI].faults.set(mdx_error="instance is in maintenance")
-    assert get(f"http://127.0.0.1:{http}/startup") == (200, "ok")
+    assert http_get(f"http://127.0.0.1:{http}/startup") == (200, "ok")
 
 
 def static_info_file(emulator, tmp_path):

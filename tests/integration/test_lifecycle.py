@@ -5,23 +5,12 @@ from __future__ import annotations
 import resource
 import signal
 import time
-import urllib.error
-import urllib.request
 
 import psycopg
 import pytest
 
-from .conftest import DB_NAME, DB_PASSWORD, DB_USER, URI
+from .conftest import DB_NAME, DB_PASSWORD, DB_USER, URI, http_get
 from .proxyproc import ProxyProcess, free_port_block
-
-
-def get(url: str, method: str = "GET") -> tuple[int, str]:
-    request = urllib.request.Request(url, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
 
 
 @pytest.fixture
@@ -63,18 +52,18 @@ def test_health_endpoints(emulator, ports):
     try:
         base = f"http://127.0.0.1:{ports['http']}"
         proc.wait_for(rf"Starting health check server at 127\.0\.0\.1:{ports['http']}")
-        assert get(f"{base}/startup") == (200, "ok")
-        assert get(f"{base}/liveness", "POST") == (200, "ok")
-        assert get(f"{base}/readiness") == (200, "ok")
-        assert get(f"{base}/nope")[0] == 404
+        assert http_get(f"{base}/startup") == (200, "ok")
+        assert http_get(f"{base}/liveness", "POST") == (200, "ok")
+        assert http_get(f"{base}/readiness") == (200, "ok")
+        assert http_get(f"{base}/nope")[0] == 404
         with psycopg.connect(dsn(ports["proxy"])):
-            status, body = get(f"{base}/readiness")
+            status, body = http_get(f"{base}/readiness")
             assert status == 503 and body == "max connections reached (open = 1, max = 1)"
             proc.wait_for(
                 r"\[Health Check\] Readiness failed: max connections reached", stream="stderr"
             )
         time.sleep(0.3)
-        assert get(f"{base}/readiness") == (200, "ok")
+        assert http_get(f"{base}/readiness") == (200, "ok")
     finally:
         assert proc.stop() == 143
 
@@ -82,8 +71,8 @@ def test_health_endpoints(emulator, ports):
 def test_quitquitquit_exits_zero(emulator, ports):
     proc = start(emulator, ports, "--quitquitquit")
     proc.wait_for(rf"Enabling quitquitquit endpoint at localhost:{ports['admin']}")
-    assert get(f"http://127.0.0.1:{ports['admin']}/quitquitquit", "PUT")[0] == 400
-    assert get(f"http://127.0.0.1:{ports['admin']}/quitquitquit", "POST")[0] == 200
+    assert http_get(f"http://127.0.0.1:{ports['admin']}/quitquitquit", "PUT")[0] == 400
+    assert http_get(f"http://127.0.0.1:{ports['admin']}/quitquitquit", "POST")[0] == 200
     assert proc.wait_exit() == 0
     assert "/quitquitquit received request. Shutting down..." in proc.output
 
@@ -95,7 +84,7 @@ def test_min_sigterm_delay_keeps_accepting(emulator, ports):
     # Still accepting during the delay, and readiness still 200 (as in the Go proxy).
     with psycopg.connect(dsn(ports["proxy"])) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
-    assert get(f"http://127.0.0.1:{ports['http']}/readiness") == (200, "ok")
+    assert http_get(f"http://127.0.0.1:{ports['http']}/readiness") == (200, "ok")
     assert proc.wait_exit() == 143
 
 
@@ -202,15 +191,15 @@ def test_prometheus_metrics(emulator, ports):
     proc = start(emulator, ports, "--prometheus", "--prometheus-namespace", "my-app")
     proc.wait_for("Starting health check server at")
     try:
-        assert get(base) == (200, "")  # no series before the first dial, as in the Go proxy
+        assert http_get(base) == (200, "")  # no series before the first dial, as in the Go proxy
         with psycopg.connect(dsn(ports["proxy"])) as conn:
             conn.execute("SELECT repeat('x', 100000)").fetchone()
-            status, text = get(base)
+            status, text = http_get(base)
             assert status == 200
             assert "# TYPE my_app_alloydbconn_open_connections gauge" in text
             assert 'alloydb_instance="project-id.us-central1.clust.inst"} 1' in text
         time.sleep(0.3)
-        _, text = get(base)
+        _, text = http_get(base)
         series = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
         short = 'alloydb_instance="project-id.us-central1.clust.inst"'
         by_name = {k.split("{")[0]: v for k, v in series.items() if short in k or URI in k}

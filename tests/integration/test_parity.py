@@ -15,13 +15,11 @@ import json
 import os
 import re
 import signal
-import urllib.error
-import urllib.request
 
 import psycopg
 import pytest
 
-from .conftest import DB_NAME, DB_PASSWORD, DB_USER, URI
+from .conftest import DB_NAME, DB_PASSWORD, DB_USER, URI, http_get
 from .proxyproc import ProxyProcess, free_port_block
 
 NOT_COVERED = {
@@ -174,15 +172,6 @@ def test_bad_command(args, env, message):
     assert "\nUsage:\n  alloydb-auth-proxy instance_uri... [flags]" in err
 
 
-def get(url: str, method: str = "GET") -> tuple[int, str]:
-    request = urllib.request.Request(url, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
-
-
 def query(port: int) -> int:
     with psycopg.connect(
         host="127.0.0.1", port=port, user=DB_USER, password=DB_PASSWORD, dbname=DB_NAME
@@ -246,17 +235,17 @@ def test_settings_from_env_and_config_files(configured_proxy, emulator):
         in proc.output,
         "§1 telemetry line": '--telemetry-project "tele-proj" is ignored' in proc.output,
         "§11 a query through the proxy": query(ports["proxy"]) == 42,
-        "§7 /startup": get(f"{http}/startup") == (200, "ok"),
-        "§7 /liveness": get(f"{http}/liveness") == (200, "ok"),
-        "§7 /readiness": get(f"{http}/readiness") == (200, "ok"),
-        "§7 unknown path": get(f"{http}/nope")[0] == 404,
-        "§8 /debug/pprof/": get(f"{admin}/debug/pprof/")[0] == 200,
-        "§8 quitquitquit rejects PUT": get(f"{admin}/quitquitquit", "PUT")[0] == 400,
+        "§7 /startup": http_get(f"{http}/startup") == (200, "ok"),
+        "§7 /liveness": http_get(f"{http}/liveness") == (200, "ok"),
+        "§7 /readiness": http_get(f"{http}/readiness") == (200, "ok"),
+        "§7 unknown path": http_get(f"{http}/nope")[0] == 404,
+        "§8 /debug/pprof/": http_get(f"{admin}/debug/pprof/")[0] == 200,
+        "§8 quitquitquit rejects PUT": http_get(f"{admin}/quitquitquit", "PUT")[0] == 400,
         "§1 user agent": any(
             r.user_agent.endswith(" parity-agent/1.0") for r in emulator.admin_requests
         ),
     }
-    metrics = get(f"{http}/metrics")[1]
+    metrics = http_get(f"{http}/metrics")[1]
     for name in (
         "dial_latency_bucket",
         "dial_latency_sum",
@@ -271,7 +260,7 @@ def test_settings_from_env_and_config_files(configured_proxy, emulator):
     failed = [name for name, ok in rows.items() if not ok]
     assert not failed, f"rows failing: {failed}\n{proc.output}"
     # §9: /quitquitquit (GET) ends the proxy with exit code 0.
-    assert get(f"{admin}/quitquitquit")[0] == 200
+    assert http_get(f"{admin}/quitquitquit")[0] == 200
     assert proc.wait_exit() == 0
 
 
