@@ -26,11 +26,10 @@ import time
 import traceback
 import tracemalloc
 import urllib.parse
-from collections.abc import Awaitable, Callable
 
 from proxy import _splice
+from proxy.health import Handler
 
-Handler = Callable[[str, str], Awaitable[tuple[int, str]]]
 PREFIX = "/debug/pprof/"
 MAX_PROFILE_SECONDS = 300.0
 SAMPLE_INTERVAL = 0.005
