@@ -10,7 +10,7 @@ Three strategies behind one interface (``connection_info``, ``force_refresh``,
 * ``LazyCache`` (``--lazy-refresh``): no background work; a caller refreshes
   synchronously when the cached certificate is within 4 minutes of expiry.
 
-The RSA key is generated once per process (``KeyPair``), off the event loop.
+The RSA key is generated once per process (``proxy.keys``), off the event loop.
 """
 
 from __future__ import annotations
@@ -21,40 +21,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy import _splice
 from proxy.adminapi import AdminAPIClient
 from proxy.config import InstanceURI
 from proxy.errors import AdminAPIError, ConfigError, RefreshError
+from proxy.keys import KeyPair
 from proxy.log import Logger
 from proxy.metrics import Metrics
 from proxy.refresh import RateLimiter, lazy_needs_refresh, seconds_until_refresh
-
-
-@dataclass(frozen=True)
-class KeyPair:
-    private_pem: bytes  # PKCS#8, kept in memory only
-    public_pem: str  # PKCS#1 "RSA PUBLIC KEY", as the Go connector sends
-
-    @classmethod
-    def generate(cls) -> KeyPair:
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        private = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        public = key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.PKCS1
-        )
-        return cls(private, public.decode("ascii"))
-
-    @classmethod
-    async def generate_async(cls) -> KeyPair:
-        # RSA-2048 generation takes tens of milliseconds: never on the loop.
-        return await asyncio.get_running_loop().run_in_executor(None, cls.generate)
 
 
 @dataclass(frozen=True)

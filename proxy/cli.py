@@ -469,12 +469,16 @@ def run(cfg: Config, warnings: list[str] | tuple[str, ...] = ()) -> int:
             "Ignoring --login-token because --auto-iam-authn is not enabled (globally or per-instance)"
         )
 
+    from proxy.keys import generate_in_background
+
+    keys = generate_in_background()  # overlaps the imports below (see proxy/keys.py)
+
     from proxy.eventloop import run_until_complete
     from proxy.rlimits import raise_open_file_limit
     from proxy.supervisor import Supervisor
 
     raise_open_file_limit(log)
-    outcome = run_until_complete(lambda: Supervisor(cfg, log).run())
+    outcome = run_until_complete(lambda: Supervisor(cfg, log, keys).run())
     if outcome.error:
         log.error("The proxy has encountered a terminal error: %s", outcome.error)
     return int(outcome.code)

@@ -14,16 +14,11 @@ import socket
 
 from proxy import __version__, _splice, mdx, tlsconn
 from proxy.adminapi import AdminAPIClient
-from proxy.cache import (
-    ConnectionInfo,
-    ConnectionInfoCache,
-    KeyPair,
-    LazyCache,
-    RefreshAheadCache,
-)
+from proxy.cache import ConnectionInfo, ConnectionInfoCache, LazyCache, RefreshAheadCache
 from proxy.config import SERVER_PROXY_PORT, Config, InstanceConfig, InstanceURI
 from proxy.credentials import CredentialSet
 from proxy.errors import ConfigError, DialError, MetadataExchangeError
+from proxy.keys import KeyPair
 from proxy.log import Logger
 from proxy.metrics import Metrics
 from proxy.staticinfo import StaticCache

@@ -9,6 +9,7 @@ The outcome is an ``Exit`` value; only the CLI turns it into an exit code.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import enum
 import signal
 import time
@@ -16,12 +17,12 @@ from dataclasses import dataclass
 
 from proxy import __version__, sdnotify, staticinfo
 from proxy.adminapi import AdminAPIClient
-from proxy.cache import KeyPair
 from proxy.config import Config
 from proxy.credentials import resolve
 from proxy.dialer import Dialer
 from proxy.errors import ProxyError
 from proxy.health import HTTPServer, ProbeState, admin_routes, health_routes, metrics_route
+from proxy.keys import KeyPair, generate_in_background
 from proxy.log import Logger
 from proxy.metrics import Metrics
 from proxy.profiling import debug_routes
@@ -50,7 +51,10 @@ def user_agent(cfg: Config) -> str:
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, log: Logger) -> None:
+    def __init__(
+        self, cfg: Config, log: Logger, keys: concurrent.futures.Future[KeyPair] | None = None
+    ) -> None:
+        self._keys = keys  # started by the CLI before the imports; made here otherwise
         self._cfg = cfg
         self._log = log
         self._stop = asyncio.Event()
@@ -215,7 +219,9 @@ class Supervisor:
                 static = staticinfo.load(cfg.static_connection_info)
             except staticinfo.StaticInfoError as exc:
                 raise ProxyError(f"unable to start: error initializing dialer: {exc}") from None
-        keys = await KeyPair.generate_async()
+        if self._keys is None:
+            self._keys = generate_in_background()
+        keys = await asyncio.wrap_future(self._keys)
         client = AdminAPIClient(cfg.api_endpoint, credentials.api, user_agent(cfg))
         dialer = Dialer(cfg, credentials, client, keys, log, self.metrics, static)
         server = ProxyServer(cfg, dialer, log, self.metrics)

@@ -9,10 +9,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from proxy.adminapi import ClientCertificate, InstanceAddresses
-from proxy.cache import KeyPair, LazyCache, RefreshAheadCache
+from proxy.cache import LazyCache, RefreshAheadCache
 from proxy.config import parse_instance_uri
 from proxy.emulator.pki import ClusterCA
 from proxy.errors import AdminAPIError, RefreshError
+from proxy.keys import KeyPair
 from proxy.log import Logger
 
 URI = parse_instance_uri("projects/p/locations/r/clusters/c/instances/i")
