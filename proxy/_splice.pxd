@@ -41,7 +41,7 @@ cdef class TLSConnection:
 
 
 # One spliced connection, owned by the data-plane thread from Splice.start
-# until its completion is delivered; see _splice.pyx for the thread.
+# until its completion is delivered; see _plane.pxi for the thread.
 ctypedef struct conn_t:
     int cfd
     int sfd
@@ -49,6 +49,8 @@ ctypedef struct conn_t:
     # Readiness as last reported by epoll, cleared when a call hits EAGAIN.
     bint c_readable, c_writable, s_readable, s_writable
     bint c_hup, s_hup            # a FIN or an error was reported on that side
+    bint c_urgent, s_urgent      # urgent data seen: a short read no longer means drained
+    bint registered              # both fds are in the thread's epoll
     # Ciphertext the instance has not taken yet (NULL when none).
     char *cpend
     int cpend_len, cpend_off
@@ -57,12 +59,15 @@ ctypedef struct conn_t:
     char *s2c
     int s2c_len, s2c_off
     bint client_eof, server_eof, close_notify_sent, client_first, finished
+    bint eof_error               # the instance's stream ended with an error (message set)
+    bint s_dead                  # the instance finished and takes no more bytes
     bint queued                  # on the thread's ready list
     int kind
     char message[200]
     unsigned long long bytes_c2s, bytes_s2c
     long long linger_ns
     long long linger_deadline    # 0 while not lingering
+    conn_t *start_next
     conn_t *ready_next
     conn_t *linger_prev
     conn_t *linger_next

@@ -79,12 +79,26 @@ class TLSServer:
         try:
             with self.ctx.wrap_socket(raw, server_side=True) as tls:
                 self.handler(tls)
+                close_notify(tls)
         except (OSError, ssl.SSLError) as exc:
             self.errors.append(exc)
 
     def close(self):
         self._stop = True
         self.sock.close()
+
+
+def close_notify(tls: ssl.SSLSocket) -> None:
+    """End the stream as a TLS server should: close_notify before the TCP FIN.
+
+    Non-blocking, so that it does not wait for the peer's close_notify.
+    (A handler that returns after a reset has nothing left to send.)
+    """
+    try:
+        tls.setblocking(False)
+        tls.unwrap()
+    except (ssl.SSLError, OSError, ValueError):
+        pass
 
 
 def echo(tls: ssl.SSLSocket) -> None:

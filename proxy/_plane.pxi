@@ -1,0 +1,1087 @@
+# ---------------------------------------------------------------------------
+# The data plane: one native thread that splices every connection.
+# (Included by _splice.pyx; _splice.pxd declares conn_t and Splice.)
+#
+# Theory of operation
+#
+# Python hands over an established connection (client fd, SSL*, instance fd)
+# through a start queue and gets it back once, finished, through a completion
+# queue and an eventfd that the event loop watches. In between, no Python
+# code and no GIL are involved: the thread registers both fds in epoll
+# (edge-triggered, once, never modified), remembers which fds are readable or
+# writable, and only calls read/write/SSL_* where that can make progress.
+# Every conn_t field is the thread's alone from the start queue to the
+# completion queue, except the abort fields, which are shared under the lock.
+#
+# Bytes move through one per-thread scratch buffer per direction. A
+# connection owns heap memory only while a peer is not keeping up: `cpend`
+# (ciphertext the instance has not taken) and `s2c` (plaintext the client has
+# not taken, sent from `s2c_off` on). While either is pending, nothing new is
+# read in that direction: that is the backpressure, and it keeps the bytes in
+# order.
+#
+# End of stream, per direction:
+#  * client EOF: its last bytes, then close_notify and a TCP half-close go to
+#    the instance; the instance's bytes still reach the client for up to
+#    `linger` seconds from the half-close;
+#  * instance EOF (close_notify, or a bare TCP FIN: a truncation, reported as
+#    "unexpected EOF" like Go's crypto/tls): its last bytes are flushed to the
+#    client, whatever the client does meanwhile, then both sides close. A
+#    write error towards an instance that has finished only stops the client's
+#    bytes (there is nobody left to take them); the tail still goes out.
+# Any other error closes both sides at once; the first error wins.
+#
+# Lifetime: a conn_t is freed by Python (Splice._release) after delivery. So
+# nothing on the thread may refer to a finished connection once the batch
+# that finished it is pushed: its fds are removed from epoll before they are
+# closed (a forked child may hold copies, which keeps the registration alive),
+# and it is taken off the thread's own lists first.
+# ---------------------------------------------------------------------------
+
+cdef extern from "sys/epoll.h" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        unsigned long long u64
+    cdef struct epoll_event:
+        unsigned int events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+    enum: EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL
+    enum: EPOLLIN, EPOLLOUT, EPOLLPRI, EPOLLRDHUP, EPOLLERR, EPOLLHUP
+    unsigned int EPOLLET
+
+cdef extern from "sys/eventfd.h" nogil:
+    int eventfd(unsigned int initval, int flags)
+    enum: EFD_CLOEXEC, EFD_NONBLOCK
+
+cdef extern from "pthread.h" nogil:
+    ctypedef unsigned long pthread_t
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_create(pthread_t *thread, void *attr, void *(*start)(void *) noexcept nogil, void *arg)
+    int pthread_detach(pthread_t thread)
+    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+
+cdef extern from "signal.h" nogil:
+    ctypedef struct sigset_t:
+        pass
+    int sigfillset(sigset_t *s)
+    int pthread_sigmask(int how, const sigset_t *s, sigset_t *old)
+    enum: SIG_BLOCK, SIG_SETMASK
+
+cdef extern from "time.h" nogil:
+    cdef struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *ts)
+    enum: CLOCK_MONOTONIC
+
+cdef extern from "sys/socket.h" nogil:
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    int setsockopt(int fd, int level, int name, const void *val, unsigned int len)
+    enum: MSG_NOSIGNAL, MSG_DONTWAIT, SOL_SOCKET, SO_OOBINLINE
+
+cdef extern from "unistd.h" nogil:
+    int getpid()
+
+cdef extern from "string.h" nogil:
+    void *memcpy(void *dst, const void *src, size_t n)
+    char *strncpy(char *dst, const char *src, size_t n)
+
+cdef extern from "openssl/ssl.h" nogil:
+    int SSL_has_pending(const SSL *s)
+    int SSL_get_shutdown(const SSL *s)
+    enum: SSL_RECEIVED_SHUTDOWN
+
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+
+# Plaintext per read or write call: eight TLS records (measured: fewer
+# syscalls per GB than 64 KiB, same latency). One scratch buffer of this
+# size per direction serves every connection of the thread.
+DEF SCRATCH = 131072
+# Rounds per connection per wakeup before the others get a turn.
+DEF PUMP_ROUNDS = 16
+DEF MAX_EVENTS = 256
+DEF MESSAGE = 200
+# The longest epoll wait while a linger deadline is pending (ms): deadlines
+# far away are simply re-checked.
+DEF MAX_WAIT_MS = 60000
+# epoll tags: the low bits of the (8-byte aligned) connection pointer.
+DEF SIDE_CLIENT = 0
+DEF SIDE_INSTANCE = 1
+DEF SIDE_WAKE = 2
+# The longest linger a Splice accepts (seconds): about 115 days, far inside
+# the range of the nanosecond clock arithmetic.
+MAX_LINGER = 1e7
+
+
+ctypedef struct plane_t:
+    int epfd
+    int wake_fd                  # Python -> thread (starts, aborts)
+    int done_fd                  # thread -> Python (completions)
+    int pid                      # the process that made these fds
+    bint running
+    pthread_mutex_t lock
+    conn_t *starts               # under lock
+    conn_t *aborts               # under lock
+    conn_t *done_head            # under lock, delivered in order
+    conn_t *done_tail
+    conn_t *lingering            # thread only
+    char *scratch_in
+    char *scratch_out
+    char *out                    # ciphertext of the current SSL_* call (_bio_write)
+    size_t out_len, out_cap
+
+
+cdef plane_t _plane
+_plane.epfd = -1
+cdef object _drain_loop = None   # the loop that reads done_fd
+
+
+cdef long long _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec * 1000000000LL + ts.tv_nsec
+
+
+cdef void _set_message_errno(conn_t *c, int err) noexcept nogil:
+    cdef const char *text = strerror(err)
+    cdef int i = 0
+    cdef char ch
+    # errno texts are ASCII; lower-cased like Go's syscall errors.
+    while text[i] != 0 and i < MESSAGE - 1:
+        ch = text[i]
+        c.message[i] = ch + 32 if 65 <= ch <= 90 else ch
+        i += 1
+    c.message[i] = 0
+
+
+cdef void _set_message_ssl(conn_t *c, int err, int saved_errno) noexcept nogil:
+    cdef unsigned long code
+    if err == SSL_ERROR_SYSCALL and saved_errno:
+        _set_message_errno(c, saved_errno)
+        ERR_clear_error()
+        return
+    code = ERR_get_error()
+    ERR_clear_error()
+    if code == 0:
+        strncpy(c.message, "TLS failure", MESSAGE)
+    else:
+        ERR_error_string_n(code, c.message, MESSAGE)
+
+
+cdef void _unregister(conn_t *c) noexcept nogil:
+    # Before close(): a copy of the fd (a fork between fork and exec) would
+    # keep the registration, and its events would name a freed conn_t.
+    if c.registered:
+        epoll_ctl(_plane.epfd, EPOLL_CTL_DEL, c.cfd, NULL)
+        epoll_ctl(_plane.epfd, EPOLL_CTL_DEL, c.sfd, NULL)
+        c.registered = False
+
+
+cdef void _finish(conn_t *c, int kind) noexcept nogil:
+    """Close both sides once; the completion is queued by the caller's batch."""
+    cdef char drain[4096]
+    cdef int i
+    if c.finished:
+        return
+    c.finished = True
+    c.kind = kind
+    if _plane.out_len:
+        # A failed SSL_* call leaves its fatal alert in the shared out buffer.
+        # It is this instance's (best effort, only if it keeps the stream in
+        # order) and never the next connection's.
+        if c.cpend == NULL and not c.s_dead:
+            send(c.sfd, _plane.out, _plane.out_len, MSG_NOSIGNAL | MSG_DONTWAIT)
+        _plane.out_len = 0
+    _unregister(c)
+    if c.cpend == _plane.out:
+        c.cpend = NULL  # borrowed, never ours to free
+    if kind == C_INSTANCE_CLOSED or kind == C_CLIENT_CLOSED or c.server_eof:
+        # Half-close first and drop unread client input, so closing does not
+        # turn into a RST that could discard bytes the client has not read.
+        shutdown(c.cfd, SHUT_WR)
+        for i in range(16):  # bounded: a client that keeps sending gets the RST
+            if read(c.cfd, drain, sizeof(drain)) <= 0:
+                break
+    close(c.cfd)
+    SSL_free(c.ssl)
+    c.ssl = NULL
+    close(c.sfd)
+    free(c.cpend)
+    free(c.s2c)
+    c.cpend = c.s2c = NULL
+    if c.linger_deadline:
+        _linger_remove(c)
+
+
+cdef void _linger_add(conn_t *c) noexcept nogil:
+    if c.linger_deadline:
+        return
+    c.linger_deadline = _now_ns() + c.linger_ns
+    if c.linger_deadline == 0:
+        c.linger_deadline = 1  # 0 means "not lingering"
+    c.linger_prev = NULL
+    c.linger_next = _plane.lingering
+    if _plane.lingering != NULL:
+        _plane.lingering.linger_prev = c
+    _plane.lingering = c
+
+
+cdef void _linger_remove(conn_t *c) noexcept nogil:
+    if c.linger_prev != NULL:
+        c.linger_prev.linger_next = c.linger_next
+    else:
+        _plane.lingering = c.linger_next
+    if c.linger_next != NULL:
+        c.linger_next.linger_prev = c.linger_prev
+    c.linger_deadline = 0
+    c.linger_prev = c.linger_next = NULL
+
+
+cdef void _half_close_instance(conn_t *c) noexcept nogil:
+    """The client's last bytes and close_notify have left: send the FIN, start the linger."""
+    shutdown(c.sfd, SHUT_WR)
+    if not c.server_eof:  # otherwise only the tail to the client is left
+        _linger_add(c)
+
+
+# -- The instance socket's BIO ------------------------------------------------
+# After the handshake, the SSL* talks to the instance through this BIO instead
+# of OpenSSL's socket BIO, for two reasons:
+#  * writes are gathered: every record one SSL_write (or SSL_shutdown, or a
+#    KeyUpdate reply inside SSL_read) produces lands in the thread's out
+#    buffer and leaves in one send() (_flush);
+#  * reads know when the socket is drained: a short recv() clears
+#    s_readable, so OpenSSL's next read returns "retry" without a syscall.
+#    (Not after urgent data: recv() stops short at the urgent mark.)
+
+cdef extern from "openssl/bio.h" nogil:
+    ctypedef struct BIO_METHOD
+    int BIO_get_new_index()
+    BIO_METHOD *BIO_meth_new(int type, const char *name)
+    int BIO_meth_set_write(BIO_METHOD *m, int (*f)(BIO *, const char *, int) noexcept nogil)
+    int BIO_meth_set_read(BIO_METHOD *m, int (*f)(BIO *, char *, int) noexcept nogil)
+    int BIO_meth_set_ctrl(BIO_METHOD *m, long (*f)(BIO *, int, long, void *) noexcept nogil)
+    int BIO_meth_set_create(BIO_METHOD *m, int (*f)(BIO *) noexcept nogil)
+    BIO *BIO_new(const BIO_METHOD *m)
+    void BIO_set_data(BIO *b, void *ptr)
+    void *BIO_get_data(BIO *b)
+    void BIO_set_init(BIO *b, int init)
+    void BIO_set_retry_read(BIO *b)
+    void BIO_clear_retry_flags(BIO *b)
+    enum: BIO_TYPE_SOURCE_SINK, BIO_CTRL_FLUSH
+
+cdef extern from "openssl/ssl.h" nogil:
+    void SSL_set_bio(SSL *s, BIO *rbio, BIO *wbio)
+    long SSL_clear_mode(SSL *s, long mode)
+
+cdef BIO_METHOD *_plane_bio_method = NULL
+
+
+cdef int _bio_create(BIO *b) noexcept nogil:
+    BIO_set_init(b, 1)
+    return 1
+
+
+cdef long _bio_ctrl(BIO *b, int cmd, long num, void *ptr) noexcept nogil:
+    return 1 if cmd == BIO_CTRL_FLUSH else 0
+
+
+cdef int _bio_read(BIO *b, char *buf, int size) noexcept nogil:
+    cdef conn_t *c = <conn_t *>BIO_get_data(b)
+    cdef ssize_t n
+    BIO_clear_retry_flags(b)
+    if not c.s_readable:
+        BIO_set_retry_read(b)
+        return -1
+    n = recv(c.sfd, buf, size, 0)
+    if n > 0:
+        if n < size and not c.s_hup and not c.s_urgent:
+            c.s_readable = False  # drained; more data (or the FIN) is a new edge
+        return <int>n
+    if n < 0 and _transient(errno):
+        c.s_readable = False
+        BIO_set_retry_read(b)
+    return <int>n  # 0 is EOF; -1 with errno is SSL_ERROR_SYSCALL
+
+
+cdef int _bio_write(BIO *b, const char *data, int size) noexcept nogil:
+    # Always accepted: the caller flushes after each SSL_* call, and keeps
+    # what the socket refuses as the connection's pending ciphertext.
+    cdef size_t need = _plane.out_len + size
+    cdef char *grown
+    if need > _plane.out_cap:
+        grown = <char *>realloc(_plane.out, need)
+        if grown == NULL:
+            return -1
+        _plane.out = grown
+        _plane.out_cap = need
+    memcpy(_plane.out + _plane.out_len, data, size)
+    _plane.out_len += size
+    return size
+
+
+cdef int _attach_bio(SSL *ssl, conn_t *c) except -1:
+    global _plane_bio_method
+    cdef BIO_METHOD *m = _plane_bio_method
+    if m == NULL:
+        m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "alloydb-proxy-plane")
+        if m == NULL:
+            raise MemoryError("BIO_meth_new failed")
+        BIO_meth_set_create(m, _bio_create)
+        BIO_meth_set_ctrl(m, _bio_ctrl)
+        BIO_meth_set_read(m, _bio_read)
+        BIO_meth_set_write(m, _bio_write)
+        _plane_bio_method = m
+    cdef BIO *bio = BIO_new(m)
+    if bio == NULL:
+        raise MemoryError("BIO_new failed")
+    BIO_set_data(bio, c)
+    # Whole SSL_writes: all records of one call leave in one send().
+    SSL_clear_mode(ssl, SSL_MODE_ENABLE_PARTIAL_WRITE)
+    # Frees the socket BIO from SSL_set_fd (which never closes the fd); it
+    # holds no bytes: read-ahead data lives in the SSL record layer.
+    SSL_set_bio(ssl, bio, bio)
+    return 0
+
+
+# -- Towards the instance -----------------------------------------------------
+
+cdef int _instance_write_failed(conn_t *c, int err, int saved_errno) noexcept nogil:
+    """A write towards the instance failed: 0 to carry on, -1 when finished.
+
+    Once the instance has finished sending, the failure only means it takes
+    no more bytes: the client's further bytes are dropped and the instance's
+    tail still goes to the client. Before that it is the connection's end.
+    """
+    if c.cpend == _plane.out:
+        c.cpend = NULL  # borrowed (see _send_pending), not ours to free
+    if c.server_eof:
+        c.s_dead = True
+        free(c.cpend)
+        c.cpend = NULL
+        c.cpend_len = c.cpend_off = 0
+        c.shut_wr_pending = False
+        _plane.out_len = 0
+        ERR_clear_error()
+        return 0
+    if err == SSL_ERROR_SYSCALL:
+        _set_message_errno(c, saved_errno)
+        ERR_clear_error()
+    else:
+        _set_message_ssl(c, err, saved_errno)
+    _finish(c, C_ERROR_WRITE_INSTANCE)
+    return -1
+
+
+cdef int _send_pending(conn_t *c) noexcept nogil:
+    """Send c.cpend to the instance: 1 if all gone, 0 if some waits, -1 if finished.
+
+    c.cpend may borrow the thread's out buffer (see _flush); only bytes the
+    socket refuses are then copied to the connection's own heap block.
+    """
+    cdef bint borrowed = c.cpend == _plane.out
+    cdef ssize_t n
+    cdef int left
+    cdef char *rest
+    while c.cpend_off < c.cpend_len:
+        n = send(c.sfd, c.cpend + c.cpend_off, c.cpend_len - c.cpend_off, MSG_NOSIGNAL)
+        if n > 0:
+            c.cpend_off += n
+            continue
+        if n < 0 and _transient(errno):
+            c.s_writable = False
+            if borrowed:
+                left = c.cpend_len - c.cpend_off
+                rest = <char *>malloc(left)
+                if rest == NULL:
+                    c.cpend = NULL
+                    strncpy(c.message, "out of memory", MESSAGE)
+                    _finish(c, C_ABORTED)
+                    return -1
+                memcpy(rest, c.cpend + c.cpend_off, left)
+                c.cpend, c.cpend_len, c.cpend_off = rest, left, 0
+            return 0
+        return -1 if _instance_write_failed(c, SSL_ERROR_SYSCALL, errno) < 0 else 1
+    if not borrowed:
+        free(c.cpend)
+    c.cpend = NULL
+    c.cpend_len = c.cpend_off = 0
+    if c.shut_wr_pending:
+        c.shut_wr_pending = False
+        _half_close_instance(c)
+    return 1
+
+
+cdef int _flush(conn_t *c) noexcept nogil:
+    """Send what the last SSL_* call put in the out buffer, behind any pending bytes.
+
+    0 or 1 as _send_pending, -1 when finished.
+    """
+    cdef size_t n = _plane.out_len
+    cdef char *grown
+    if n == 0:
+        return 0
+    _plane.out_len = 0
+    if c.s_dead:
+        return 0
+    if c.cpend == NULL:
+        c.cpend, c.cpend_len, c.cpend_off = _plane.out, <int>n, 0
+        return _send_pending(c)
+    grown = <char *>realloc(c.cpend, c.cpend_len + n)
+    if grown == NULL:
+        strncpy(c.message, "out of memory", MESSAGE)
+        _finish(c, C_ABORTED)
+        return -1
+    memcpy(grown + c.cpend_len, _plane.out, n)
+    c.cpend = grown
+    c.cpend_len += <int>n
+    return 0
+
+
+# -- Towards the client -------------------------------------------------------
+
+cdef int _to_client(conn_t *c, const char *data, int n) noexcept nogil:
+    """Send up to n bytes to the client: how many went, or -1 when finished."""
+    global _bytes_s2c
+    cdef int off = 0
+    cdef ssize_t ret
+    while off < n:
+        ret = send(c.cfd, data + off, n - off, MSG_NOSIGNAL)
+        if ret > 0:
+            off += <int>ret
+            c.bytes_s2c += ret
+            _bytes_s2c += ret
+            continue
+        if ret < 0 and _transient(errno):
+            c.c_writable = False
+            break
+        _set_message_errno(c, errno)
+        _finish(c, C_ERROR_WRITE_CLIENT)
+        return -1
+    return off
+
+
+cdef int _client_flush(conn_t *c) noexcept nogil:
+    """Send the pending tail (c.s2c from c.s2c_off): 1 on progress, 0 if none, -1 when finished."""
+    cdef int sent = _to_client(c, c.s2c + c.s2c_off, c.s2c_len - c.s2c_off)
+    if sent < 0:
+        return -1
+    c.s2c_off += sent
+    if c.s2c_off == c.s2c_len:
+        free(c.s2c)
+        c.s2c = NULL
+        c.s2c_len = c.s2c_off = 0
+    return 1 if sent > 0 else 0
+
+
+cdef int _client_write(conn_t *c, const char *buf, int n) noexcept nogil:
+    """Send fresh bytes (no tail pending); keep what the client cannot take yet.
+
+    Returns 1 on progress, 0 if nothing could be written, -1 when finished.
+    """
+    cdef int sent = _to_client(c, buf, n)
+    if sent < 0:
+        return -1
+    if sent < n:
+        c.s2c = <char *>malloc(n - sent)
+        if c.s2c == NULL:
+            strncpy(c.message, "out of memory", MESSAGE)
+            _finish(c, C_ABORTED)
+            return -1
+        memcpy(c.s2c, buf + sent, n - sent)
+        c.s2c_len = n - sent
+        c.s2c_off = 0
+    return 1 if sent > 0 else 0
+
+
+# -- One connection's work ----------------------------------------------------
+
+cdef int _pump_c2s(conn_t *c) noexcept nogil:
+    """Client -> instance: 1 on progress, 0 if none, -1 when finished."""
+    global _bytes_c2s
+    cdef ssize_t n
+    cdef int ret, err, saved, off
+    cdef char *buf
+    cdef bint progress = False
+    if c.cpend != NULL:
+        # pending ciphertext first (backpressure), then new bytes
+        if c.s_writable:
+            return _send_pending(c)
+        return 0
+    if not c.client_eof and c.c_readable:
+        buf = _plane.scratch_in
+        n = read(c.cfd, buf, SCRATCH)
+        if n > 0:
+            if n < SCRATCH and not c.c_hup and not c.c_urgent:
+                # A short read emptied the socket; more data (or the FIN)
+                # brings a new edge. A FIN seen already brings none: read on.
+                c.c_readable = False
+            if c.s_dead:
+                return 1  # the instance has gone: nobody takes these bytes
+            off = 0
+            while off < n:  # the BIO takes everything, so this cannot block
+                ERR_clear_error()
+                ret = SSL_write(c.ssl, buf + off, <int>(n - off))
+                if ret <= 0:
+                    saved = errno
+                    err = SSL_get_error(c.ssl, ret)
+                    if _instance_write_failed(c, err, saved) < 0:
+                        return -1
+                    return 1
+                off += ret
+            c.bytes_c2s += n
+            _bytes_c2s += n
+            if _flush(c) < 0:
+                return -1
+            return 1
+        if n == 0:
+            c.client_eof = True
+            if not c.server_eof:
+                c.client_first = True
+            progress = True
+        elif _transient(errno):
+            c.c_readable = False
+        else:
+            _set_message_errno(c, errno)
+            _finish(c, C_ERROR_READ_CLIENT)
+            return -1
+    if c.client_eof and not c.close_notify_sent:
+        # the client has finished and everything it sent is on its way
+        c.close_notify_sent = True
+        progress = True
+        if not c.s_dead:
+            ERR_clear_error()
+            SSL_shutdown(c.ssl)  # one close_notify record, into the out buffer
+            ERR_clear_error()
+            c.shut_wr_pending = True  # after the last ciphertext has left
+            if _flush(c) < 0:
+                return -1
+            if c.cpend == NULL and c.shut_wr_pending:
+                c.shut_wr_pending = False
+                _half_close_instance(c)
+    return 1 if progress else 0
+
+
+cdef int _pump_s2c(conn_t *c) noexcept nogil:
+    """Instance -> client: 1 on progress, 0 if none, -1 when finished."""
+    cdef int ret, err, saved, total
+    cdef char *buf
+    cdef bint progress = False
+    if c.s2c != NULL:
+        if c.c_writable:
+            return _client_flush(c)
+        return 0
+    if c.server_eof or not (c.s_readable or SSL_has_pending(c.ssl)):
+        return 0
+    buf = _plane.scratch_out
+    total = 0
+    # Gather several records (read-ahead keeps them in OpenSSL's buffer)
+    # into one write to the client.
+    while total <= SCRATCH - BUFFER_SIZE:
+        ERR_clear_error()
+        ret = SSL_read(c.ssl, buf + total, SCRATCH - total)
+        if ret > 0:
+            total += ret
+            continue
+        saved = errno
+        err = SSL_get_error(c.ssl, ret)
+        if err == SSL_ERROR_ZERO_RETURN or (err == SSL_ERROR_SYSCALL and saved == 0):
+            c.server_eof = True
+            # With SSL_OP_IGNORE_UNEXPECTED_EOF a bare FIN reads like
+            # close_notify; only the latter sets the received-shutdown bit.
+            if not (SSL_get_shutdown(c.ssl) & SSL_RECEIVED_SHUTDOWN):
+                strncpy(c.message, "unexpected EOF", MESSAGE)
+                c.eof_error = True
+            ERR_clear_error()
+            progress = True
+        elif err != SSL_ERROR_WANT_READ:
+            # The stream is broken here, but what was decrypted before the
+            # failure is genuine and still goes out first (as Go's io.Copy
+            # writes what Read returned before the error).
+            _set_message_ssl(c, err, saved)
+            c.server_eof = c.eof_error = True
+            progress = True
+        break
+    if _plane.out_len and _flush(c) < 0:  # e.g. a KeyUpdate reply
+        return -1
+    if total > 0:
+        ret = _client_write(c, buf, total)
+        if ret < 0:
+            return -1
+        progress = True
+    return 1 if progress else 0
+
+
+cdef bint _pump_once(conn_t *c) noexcept nogil:
+    """One round in each direction; True if anything moved and the connection is open."""
+    cdef int a, b
+    _plane.out_len = 0  # nothing of another connection's may be flushed here
+    a = _pump_c2s(c)
+    if a < 0:
+        return False
+    b = _pump_s2c(c)
+    if b < 0:
+        return False
+    # the instance has finished and the client has all its bytes
+    if c.server_eof and c.s2c == NULL:
+        if c.eof_error:
+            _finish(c, C_ERROR_READ_INSTANCE)
+        else:
+            _finish(c, C_CLIENT_CLOSED if c.client_first else C_INSTANCE_CLOSED)
+        return False
+    return a > 0 or b > 0
+
+
+cdef void _pump(conn_t *c, conn_t **again) noexcept nogil:
+    cdef int rounds = 0
+    while not c.finished and rounds < PUMP_ROUNDS:
+        rounds += 1
+        if not _pump_once(c):
+            return
+    if not c.finished and not c.queued:
+        # Out of rounds with work left: continue after the others had a turn.
+        c.queued = True
+        c.ready_next = again[0]
+        again[0] = c
+
+
+cdef void _queue_ready(conn_t *c, conn_t **ready) noexcept nogil:
+    if not c.queued:
+        c.queued = True
+        c.ready_next = ready[0]
+        ready[0] = c
+
+
+cdef void _push_done(conn_t *done) noexcept nogil:
+    cdef conn_t *c
+    cdef unsigned long long one = 1
+    if done == NULL:
+        return
+    pthread_mutex_lock(&_plane.lock)
+    while done != NULL:
+        c = done
+        done = c.done_next
+        c.done_next = NULL
+        if _plane.done_tail != NULL:
+            _plane.done_tail.done_next = c
+        else:
+            _plane.done_head = c
+        _plane.done_tail = c
+    pthread_mutex_unlock(&_plane.lock)
+    write(_plane.done_fd, &one, sizeof(one))
+
+
+cdef bint _register(conn_t *c) noexcept nogil:
+    """Watch both fds (on the thread, so no event can find a half-registered pair)."""
+    cdef epoll_event ev
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLPRI | EPOLLRDHUP | EPOLLET
+    ev.data.u64 = <unsigned long long>c | SIDE_CLIENT
+    if epoll_ctl(_plane.epfd, EPOLL_CTL_ADD, c.cfd, &ev) != 0:
+        return False
+    ev.data.u64 = <unsigned long long>c | SIDE_INSTANCE
+    if epoll_ctl(_plane.epfd, EPOLL_CTL_ADD, c.sfd, &ev) != 0:
+        epoll_ctl(_plane.epfd, EPOLL_CTL_DEL, c.cfd, NULL)
+        return False
+    c.registered = True
+    return True
+
+
+cdef int _wait_ms(conn_t *again) noexcept nogil:
+    cdef long long soonest, now, left
+    cdef conn_t *c
+    if again != NULL:
+        return 0
+    if _plane.lingering == NULL:
+        return -1
+    soonest = _plane.lingering.linger_deadline
+    c = _plane.lingering.linger_next
+    while c != NULL:
+        if c.linger_deadline < soonest:
+            soonest = c.linger_deadline
+        c = c.linger_next
+    now = _now_ns()
+    if soonest <= now:
+        return 0
+    left = (soonest - now) // 1000000 + 1
+    return MAX_WAIT_MS if left > MAX_WAIT_MS else <int>left
+
+
+cdef void *_plane_main(void *arg) noexcept nogil:
+    cdef epoll_event events[MAX_EVENTS]
+    cdef int n, i
+    cdef unsigned int ev
+    cdef unsigned long long tag, counter
+    cdef conn_t *c
+    cdef conn_t *ready
+    cdef conn_t *again = NULL
+    cdef conn_t *done
+    cdef conn_t *starts
+    cdef conn_t *aborts
+    cdef conn_t *next_c
+    cdef conn_t **link
+    cdef long long now
+    while True:
+        n = epoll_wait(_plane.epfd, events, MAX_EVENTS, _wait_ms(again))
+        if n < 0:
+            n = 0  # EINTR
+        ready = again
+        again = NULL
+        done = NULL
+        for i in range(n):
+            tag = events[i].data.u64
+            ev = events[i].events
+            if tag == SIDE_WAKE:
+                read(_plane.wake_fd, &counter, sizeof(counter))
+                continue
+            c = <conn_t *>(tag & ~(<unsigned long long>3))
+            if c.finished:
+                continue
+            if ev & (EPOLLERR | EPOLLHUP):
+                # Let the next call on that fd report what happened.
+                ev |= EPOLLIN | EPOLLOUT
+            if tag & 3 == SIDE_CLIENT:
+                if ev & (EPOLLIN | EPOLLRDHUP | EPOLLPRI):
+                    c.c_readable = True
+                if ev & EPOLLPRI:
+                    c.c_urgent = True
+                if ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                    c.c_hup = True
+                if ev & EPOLLOUT:
+                    c.c_writable = True
+            else:
+                if ev & (EPOLLIN | EPOLLRDHUP | EPOLLPRI):
+                    c.s_readable = True
+                if ev & EPOLLPRI:
+                    c.s_urgent = True
+                if ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                    c.s_hup = True
+                if ev & EPOLLOUT:
+                    c.s_writable = True
+            _queue_ready(c, &ready)
+
+        # Starts and aborts requested by Python since the last batch, taken
+        # together: an abort never overtakes the start of its connection.
+        pthread_mutex_lock(&_plane.lock)
+        starts = _plane.starts
+        _plane.starts = NULL
+        aborts = _plane.aborts
+        _plane.aborts = NULL
+        pthread_mutex_unlock(&_plane.lock)
+        while starts != NULL:
+            c = starts
+            starts = c.start_next
+            c.start_next = NULL
+            if _register(c):
+                # Anything decrypted or buffered before start is found by the first pump.
+                _queue_ready(c, &ready)
+            else:
+                _set_message_errno(c, errno)
+                _finish(c, C_ABORTED)
+                c.done_next = done
+                done = c
+        while aborts != NULL:
+            c = aborts
+            aborts = c.abort_next
+            c.abort_next = NULL
+            if not c.finished:
+                _finish(c, C_ABORTED)
+                c.done_next = done
+                done = c
+            pthread_mutex_lock(&_plane.lock)
+            c.abort_pending = False
+            if c.orphaned:
+                free(c)  # already delivered; this was its last reference
+            pthread_mutex_unlock(&_plane.lock)
+
+        while ready != NULL:
+            c = ready
+            ready = c.ready_next
+            c.ready_next = NULL
+            c.queued = False
+            if c.finished:
+                continue  # aborted above; its completion is queued
+            _pump(c, &again)
+            if c.finished:
+                c.done_next = done
+                done = c
+
+        if _plane.lingering != NULL:
+            now = _now_ns()
+            c = _plane.lingering
+            while c != NULL:
+                next_c = c.linger_next
+                if c.linger_deadline <= now and not c.finished:
+                    _finish(c, C_CLIENT_CLOSED)  # takes it off the linger list
+                    c.done_next = done
+                    done = c
+                c = next_c
+            # A connection finished here may still wait on 'again': take it
+            # off before Python can free it.
+            link = &again
+            while link[0] != NULL:
+                c = link[0]
+                if c.finished:
+                    link[0] = c.ready_next
+                    c.ready_next = NULL
+                    c.queued = False
+                else:
+                    link = &c.ready_next
+
+        # Nothing on the thread refers to a finished connection past this point.
+        _push_done(done)
+    return NULL
+
+
+cdef int _plane_init() except -1:
+    if _plane.epfd >= 0:
+        return 0
+    pthread_mutex_init(&_plane.lock, NULL)
+    if _plane.scratch_in == NULL:
+        _plane.scratch_in = <char *>malloc(SCRATCH)
+        _plane.scratch_out = <char *>malloc(SCRATCH)
+    if _plane.scratch_in == NULL or _plane.scratch_out == NULL:
+        raise MemoryError()
+    _plane.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+    _plane.done_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+    cdef int epfd = epoll_create1(EPOLL_CLOEXEC)
+    if _plane.wake_fd < 0 or _plane.done_fd < 0 or epfd < 0:
+        raise OSError(errno, "cannot create the data plane: " + _errno_text(errno))
+    cdef epoll_event ev
+    ev.events = EPOLLIN
+    ev.data.u64 = SIDE_WAKE
+    if epoll_ctl(epfd, EPOLL_CTL_ADD, _plane.wake_fd, &ev) < 0:
+        raise OSError(errno, "cannot create the data plane: " + _errno_text(errno))
+    _plane.epfd = epfd
+    _plane.pid = getpid()
+    return 0
+
+
+cdef void _plane_forget_parent() noexcept:
+    """In a forked child: drop the parent's data plane and start afresh on first use.
+
+    The thread was not copied, its connections are the parent's (their
+    conn_t copies are left alone, never freed here), and the lock may have
+    been held at the fork. The epoll and eventfd copies would share state
+    with the parent, so they are closed.
+    """
+    global _drain_loop
+    if _plane.epfd >= 0:
+        close(_plane.epfd)
+        close(_plane.wake_fd)
+        close(_plane.done_fd)
+    _plane.epfd = _plane.wake_fd = _plane.done_fd = -1
+    _plane.running = False
+    _plane.starts = _plane.aborts = NULL
+    _plane.done_head = _plane.done_tail = NULL
+    _plane.lingering = NULL
+    _plane.out_len = 0
+    _drain_loop = None
+
+
+def _after_fork_in_child():
+    _plane_forget_parent()
+
+
+cdef int _plane_start() except -1:
+    cdef pthread_t thread
+    cdef sigset_t all_signals, old
+    cdef int err
+    if _plane.epfd >= 0 and _plane.pid != getpid():
+        _plane_forget_parent()  # forked without os.fork (no at-fork hook ran)
+    _plane_init()
+    if _plane.running:
+        return 0
+    # Signals belong to Python's main thread: the new thread starts with all
+    # of them blocked (set around pthread_create, so none slips in first).
+    sigfillset(&all_signals)
+    pthread_sigmask(SIG_BLOCK, &all_signals, &old)
+    err = pthread_create(&thread, NULL, _plane_main, NULL)
+    pthread_sigmask(SIG_SETMASK, &old, NULL)
+    if err != 0:
+        raise OSError(err, "cannot start the data plane thread: " + _errno_text(err))
+    pthread_detach(thread)
+    _plane.running = True
+    return 0
+
+
+# Created at import: three process-wide fds, so fd accounting is stable.
+_plane_init()
+import os as _os
+_os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _drain_completions():
+    """Loop reader on done_fd: deliver every finished connection to its Splice."""
+    cdef unsigned long long counter
+    cdef conn_t *c
+    cdef conn_t *head
+    read(_plane.done_fd, &counter, sizeof(counter))
+    pthread_mutex_lock(&_plane.lock)
+    head = _plane.done_head
+    _plane.done_head = _plane.done_tail = NULL
+    pthread_mutex_unlock(&_plane.lock)
+    while head != NULL:
+        c = head
+        head = c.done_next
+        splice = <Splice><PyObject *>c.owner
+        c.owner = NULL
+        Py_DECREF(splice)  # the reference taken in start(); `splice` holds one
+        splice._deliver()
+
+
+cdef void _watch_completions(loop) except *:
+    """Make `loop` the one that receives completions (tests run many loops in turn)."""
+    global _drain_loop
+    if _drain_loop is loop:
+        return
+    old = _drain_loop
+    if old is not None and not old.is_closed() and not old.is_running():
+        old.remove_reader(_plane.done_fd)
+    loop.add_reader(_plane.done_fd, _drain_completions)
+    _drain_loop = loop
+
+
+cdef void _wake_plane() noexcept nogil:
+    cdef unsigned long long one = 1
+    write(_plane.wake_fd, &one, sizeof(one))
+
+
+cdef class Splice:
+    """Moves bytes between a client fd and an established TLSConnection.
+
+    The connection is handed to the data-plane thread by ``start``; from then
+    on Python sees it again exactly once, when ``on_done(kind, message)`` runs
+    on the loop after both fds are closed.
+
+    End of stream: when the client stops sending, its last bytes are
+    written, then close_notify and a TCP half-close go to the instance, and
+    the instance's remaining bytes still reach the client for up to
+    ``linger`` seconds (0: not at all; at most MAX_LINGER). When the instance
+    stops, its last bytes are flushed to the client and both sides are
+    closed (ERROR_READ_INSTANCE "unexpected EOF" if it stopped without
+    close_notify). Any error closes both at once.
+    """
+
+    def __cinit__(self, int client_fd, TLSConnection conn not None, on_done, double linger=30.0):
+        cdef int one = 1
+        self.c = NULL
+        if conn.closed:
+            close(client_fd)
+            raise ValueError("TLS connection is closed")
+        if not (0.0 <= linger <= MAX_LINGER):  # NaN fails both
+            close(client_fd)
+            conn._close()
+            raise ValueError(f"linger must be between 0 and {MAX_LINGER:g} seconds, not {linger!r}")
+        self.c = <conn_t *>calloc(1, sizeof(conn_t))
+        if self.c == NULL:
+            close(client_fd)
+            conn._close()
+            raise MemoryError()
+        _set_nonblocking(client_fd)
+        # The connection's fd and SSL* move here; the TLSConnection is spent.
+        # From now on __dealloc__ closes them if the splice never starts.
+        self.c.cfd = client_fd
+        self.c.sfd = conn.fd
+        self.c.ssl = conn.ssl
+        conn.ssl = NULL
+        conn.closed = True
+        self.c.linger_ns = <long long>(linger * 1e9)
+        _attach_bio(self.c.ssl, self.c)
+        # Urgent data stays in the stream (and recv() stops short at its mark:
+        # see c_urgent), rather than being dropped from it.
+        setsockopt(self.c.cfd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof(one))
+        setsockopt(self.c.sfd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof(one))
+        # Anything decrypted or buffered before start is found by the first pump.
+        self.c.c_readable = self.c.c_writable = True
+        self.c.s_readable = self.c.s_writable = True
+        self.on_done = on_done
+
+    def start(self, loop):
+        """Hand the connection to the data-plane thread; on_done runs on ``loop``."""
+        global _active, _total
+        if self.started:
+            raise RuntimeError("splice already started")
+        _plane_start()
+        _watch_completions(loop)
+        self.started = True
+        self.loop = loop
+        _active += 1
+        _total += 1
+        Py_INCREF(self)  # the thread's reference, given back in _drain_completions
+        self.c.owner = <void *>self
+        pthread_mutex_lock(&_plane.lock)
+        self.c.start_next = _plane.starts
+        _plane.starts = self.c
+        pthread_mutex_unlock(&_plane.lock)
+        _wake_plane()
+
+    def abort(self):
+        """Tear down soon; on_done still runs once, on the loop, with ABORTED."""
+        if not self.started or self.delivered:
+            return
+        pthread_mutex_lock(&_plane.lock)
+        if not self.c.abort_pending:
+            self.c.abort_pending = True
+            self.c.abort_next = _plane.aborts
+            _plane.aborts = self.c
+        pthread_mutex_unlock(&_plane.lock)
+        _wake_plane()
+
+    @property
+    def bytes_client_to_server(self):
+        return self.c.bytes_c2s if self.c != NULL else self.final_c2s
+
+    @property
+    def bytes_server_to_client(self):
+        return self.c.bytes_s2c if self.c != NULL else self.final_s2c
+
+    cdef _deliver(self):
+        global _active
+        cdef int kind = self.c.kind
+        message = self.c.message.decode("utf-8", "replace")
+        self.delivered = True
+        _active -= 1
+        self.final_c2s = self.c.bytes_c2s
+        self.final_s2c = self.c.bytes_s2c
+        self._release()
+        on_done, self.on_done = self.on_done, None
+        if on_done is None:
+            return
+        try:
+            on_done(kind, message)
+        except BaseException as exc:
+            self.loop.call_exception_handler({
+                "message": "exception in splice on_done callback",
+                "exception": exc,
+            })
+
+    cdef void _release(self) noexcept:
+        """Free the struct, or leave that to the thread if an abort is in flight."""
+        cdef conn_t *c = self.c
+        if c == NULL:
+            return
+        self.c = NULL
+        pthread_mutex_lock(&_plane.lock)
+        if c.abort_pending:
+            c.orphaned = True
+            c = NULL
+        pthread_mutex_unlock(&_plane.lock)
+        free(c)
+
+    def __dealloc__(self):
+        # A started, undelivered splice is referenced by the thread and cannot
+        # get here; what remains is one never started: close its fds.
+        if self.c != NULL and not self.started:
+            close(self.c.cfd)
+            SSL_free(self.c.ssl)
+            close(self.c.sfd)
+            free(self.c)
+            self.c = NULL

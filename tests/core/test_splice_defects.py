@@ -1,0 +1,428 @@
+"""Regression tests for the data-plane defects of issue 9, one or more per defect.
+
+Each one failed on 08ffac6. Small socket buffers and slow readers drive the
+partial-send paths that loopback's default buffers never take; every check
+compares bytes exactly. The use-after-free cases crash reliably only under
+MALLOC_PERTURB_ or AddressSanitizer: test_sanitizers.py runs this file so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from proxy import _splice
+
+from .conftest import close_notify
+from .splicing import pattern, raw_send, read_slowly, spliced
+from .test_splice import assert_fds_back_to, fd_count
+from .test_tls import connect
+
+
+def source(payload: bytes, *, notify: bool = True):
+    """An instance that sends `payload` at once, then ends the stream."""
+
+    def handler(tls):
+        tls.sendall(payload)
+        if not notify:
+            # A bare TCP FIN: shut the socket down under the TLS layer.
+            tls.shutdown(socket.SHUT_WR)
+            time.sleep(0.5)
+
+    return handler
+
+
+# 1. duplicated bytes after a partial send of the pending tail
+
+
+def test_slow_client_gets_every_byte_once(run, tls_server, client_context):
+    payload = pattern(2 * 1024 * 1024)
+    server = tls_server(source(payload))
+
+    async def main():
+        s = await spliced(client_context, server.port, proxy_sndbuf=4096, client_rcvbuf=4096)
+        got = await read_slowly(s.sock, chunk=3000, pause=0)
+        assert len(got) == len(payload)
+        assert got == payload
+        assert await s.outcome() == (_splice.INSTANCE_CLOSED, "")
+        s.sock.close()
+
+    run(main)
+
+
+def test_slow_echo_client_gets_its_bytes_back_once(run, tls_server, client_context):
+    payload = pattern(1024 * 1024, seed=3)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        s = await spliced(client_context, tls_server().port, proxy_sndbuf=4096, client_rcvbuf=4096)
+
+        async def writer():
+            await loop.sock_sendall(s.sock, payload)
+            s.sock.shutdown(socket.SHUT_WR)
+
+        _, echoed = await asyncio.gather(writer(), read_slowly(s.sock, chunk=1000))
+        assert echoed == payload
+        assert (await s.outcome())[0] == _splice.CLIENT_CLOSED
+        s.sock.close()
+
+    run(main)
+
+
+# 2. use-after-free: a busy connection on the re-queue list finished by its linger
+
+
+def test_linger_ends_a_busy_connection_cleanly(run, tls_server, client_context):
+    # Big buffers and a fast reader keep each connection busy for all its
+    # rounds, so it waits on the thread's re-queue list when its linger ends.
+    stop = threading.Event()
+
+    def stream(tls):
+        block = pattern(262144)
+        try:
+            while not stop.is_set():
+                tls.sendall(block)
+        except OSError:
+            pass
+
+    server = tls_server(stream)
+    big = 4 * 1024 * 1024
+
+    def drain(sock, totals):
+        sock.setblocking(True)
+        total = 0
+        while data := sock.recv(1 << 20):
+            total += len(data)
+        totals.append(total)
+
+    async def main():
+        for _ in range(3):
+            conns = [
+                await spliced(
+                    client_context,
+                    server.port,
+                    linger=0.3,
+                    proxy_sndbuf=big,
+                    client_rcvbuf=big,
+                    instance_rcvbuf=big,
+                )
+                for _ in range(4)
+            ]
+            totals: list[int] = []
+            readers = [threading.Thread(target=drain, args=(s.sock, totals)) for s in conns]
+            for s, reader in zip(conns, readers):
+                reader.start()
+                s.sock.shutdown(socket.SHUT_WR)
+            for s in conns:
+                assert await s.outcome() == (_splice.CLIENT_CLOSED, "")
+            for s, reader in zip(conns, readers):
+                await asyncio.get_running_loop().run_in_executor(None, reader.join, 10)
+                s.sock.close()
+            assert len(totals) == 4 and min(totals) > 0
+        stop.set()
+
+    run(main)
+
+
+# 3. one connection's fatal alert sent on another
+
+
+def test_a_fatal_alert_stays_on_its_own_connection(run, tls_server, client_context):
+    forge = threading.Event()
+
+    def forger(tls):
+        forge.wait(10)
+        # An application-data record that cannot authenticate.
+        raw_send(tls, b"\x17\x03\x03\x00\x20" + os.urandom(32))
+        time.sleep(0.5)
+
+    bad_server = tls_server(forger)
+    good_server = tls_server()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        good = await spliced(client_context, good_server.port)
+        bad = await spliced(client_context, bad_server.port)
+        await loop.sock_sendall(good.sock, b"ping")
+        assert await read_slowly(good.sock, limit=4, pause=0) == b"ping"
+        forge.set()
+        kind, message = await bad.outcome()
+        assert kind == _splice.ERROR_READ_INSTANCE
+        assert "bad record mac" in message or "decryption failed" in message
+        block = pattern(300000)
+        await loop.sock_sendall(good.sock, block)
+        assert await read_slowly(good.sock, limit=len(block), chunk=65536, pause=0) == block
+        good.sock.shutdown(socket.SHUT_WR)
+        assert await good.outcome() == (_splice.CLIENT_CLOSED, "")
+        assert good_server.errors == []
+        good.sock.close()
+        bad.sock.close()
+
+    run(main)
+
+
+# 4. the instance's tail after a client half-close, and after a write error
+
+
+def test_client_half_close_near_the_end_keeps_the_instance_tail(run, tls_server, client_context):
+    payload = pattern(1024 * 1024 + 50_000, seed=4)
+    server = tls_server(source(payload))
+
+    async def main():
+        s = await spliced(client_context, server.port, proxy_sndbuf=4096, client_rcvbuf=4096)
+        got = await read_slowly(
+            s.sock,
+            chunk=1000,
+            at=len(payload) - 40_000,
+            then=lambda: s.sock.shutdown(socket.SHUT_WR),
+        )
+        assert len(got) == len(payload)
+        assert got == payload
+        assert (await s.outcome())[0] in (_splice.INSTANCE_CLOSED, _splice.CLIENT_CLOSED)
+        s.sock.close()
+
+    run(main)
+
+
+def test_write_error_after_the_instance_ended_keeps_the_tail(run, tls_server, client_context):
+    payload = pattern(1024 * 1024 + 50_000, seed=5)
+
+    def send_and_close(tls):
+        tls.sendall(payload)
+        close_notify(tls)
+        # Returning closes the socket: the client's next bytes draw a RST.
+
+    server = tls_server(send_and_close)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        s = await spliced(client_context, server.port, proxy_sndbuf=4096, client_rcvbuf=4096)
+
+        async def chatter():
+            for _ in range(20):
+                await loop.sock_sendall(s.sock, b"x" * 1000)
+                await asyncio.sleep(0.02)
+
+        got = await read_slowly(
+            s.sock,
+            chunk=1000,
+            pause=0.001,
+            at=len(payload) - 60_000,
+            then=lambda: loop.create_task(chatter()),
+        )
+        assert got == payload
+        assert await s.outcome() == (_splice.INSTANCE_CLOSED, "")
+        s.sock.close()
+
+    run(main)
+
+
+# 5. fds closed while registered, and the data plane after fork
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_copies_of_the_fds_in_a_child_do_not_reach_the_thread(run, tls_server, client_context):
+    release = threading.Event()
+
+    def talk_later(tls):
+        tls.recv(10)
+        release.wait(10)
+        try:  # towards the proxy's socket, still open in the child
+            for _ in range(50):
+                tls.sendall(b"y" * 1000)
+        except OSError:
+            pass
+
+    server = tls_server(talk_later)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        s = await spliced(client_context, server.port)
+        await loop.sock_sendall(s.sock, b"go")
+        await asyncio.sleep(0.1)
+        pid = os.fork()
+        if pid == 0:  # holds copies of every fd, like a subprocess before exec
+            time.sleep(1.5)
+            os._exit(0)
+        try:
+            s.splice.abort()
+            assert (await s.outcome())[0] == _splice.ABORTED
+            s.sock.close()
+            release.set()  # events on the child's copy: nothing may touch the freed struct
+            await asyncio.sleep(0.5)
+            # The thread still works.
+            t = await spliced(client_context, tls_server().port)
+            await loop.sock_sendall(t.sock, b"still alive")
+            assert await read_slowly(t.sock, limit=11, pause=0) == b"still alive"
+            t.splice.abort()
+            await t.outcome()
+            t.sock.close()
+        finally:
+            os.waitpid(pid, 0)
+
+    run(main)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_gets_its_own_data_plane(run, tls_server, client_context):
+    server = tls_server()
+
+    async def warm():
+        s = await spliced(client_context, server.port)
+        s.splice.abort()
+        await s.outcome()
+        s.sock.close()
+
+    run(warm)  # the parent's thread runs
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+
+            async def child():
+                loop = asyncio.get_running_loop()
+                s = await spliced(client_context, server.port)
+                await loop.sock_sendall(s.sock, b"from the child")
+                got = await asyncio.wait_for(read_slowly(s.sock, limit=14, pause=0), 5)
+                s.sock.shutdown(socket.SHUT_WR)
+                kind, _ = await s.outcome(5)
+                return got == b"from the child" and kind == _splice.CLIENT_CLOSED
+
+            code = 0 if asyncio.run(child()) else 2
+        except BaseException as exc:  # report, never run the parent's pytest on
+            os.write(write_end, repr(exc).encode()[:500])
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    detail = os.read(read_end, 1000).decode()
+    os.close(read_end)
+    assert os.waitstatus_to_exitcode(status) == 0, detail
+    run(warm)  # and the parent's still does
+
+
+# 6. the smaller ones
+
+
+@pytest.mark.parametrize("linger", [math.nan, math.inf, -1.0, 1e300])
+def test_a_linger_out_of_range_is_refused_and_nothing_leaks(run, tls_server, client_context, linger):
+    server = tls_server()
+
+    async def main():
+        conn = await connect(client_context, server.port)
+        ours, theirs = socket.socketpair()
+        with pytest.raises(ValueError, match="linger"):
+            _splice.Splice(theirs.detach(), conn, lambda k, m: None, linger)
+        ours.close()
+
+    before = fd_count()
+    run(main)
+    assert_fds_back_to(before)
+
+
+def test_a_zero_linger_ends_at_the_client_half_close(run, tls_server, client_context):
+    def silent(tls):
+        time.sleep(3)
+
+    server = tls_server(silent)
+
+    async def main():
+        s = await spliced(client_context, server.port, linger=0)
+        s.sock.shutdown(socket.SHUT_WR)
+        assert await s.outcome(2) == (_splice.CLIENT_CLOSED, "")
+        s.sock.close()
+
+    run(main)
+
+
+def test_urgent_data_does_not_stall_the_stream(run, tls_server, client_context):
+    async def main():
+        loop = asyncio.get_running_loop()
+        s = await spliced(client_context, tls_server().port, tcp_client=True)
+        s.sock.setblocking(True)
+        s.sock.send(b"abc")
+        s.sock.send(b"!", socket.MSG_OOB)
+        s.sock.send(b"def")
+        s.sock.setblocking(False)
+        got = await asyncio.wait_for(read_slowly(s.sock, limit=7, pause=0), 3)
+        assert got == b"abc!def"
+        # and the connection goes on
+        await loop.sock_sendall(s.sock, b"more")
+        assert await asyncio.wait_for(read_slowly(s.sock, limit=4, pause=0), 3) == b"more"
+        s.splice.abort()
+        await s.outcome()
+        s.sock.close()
+
+    run(main)
+
+
+def test_an_instance_eof_without_close_notify_is_a_truncation(run, tls_server, client_context):
+    payload = pattern(500_000, seed=6)
+    server = tls_server(source(payload, notify=False))
+
+    async def main():
+        s = await spliced(client_context, server.port, proxy_sndbuf=4096, client_rcvbuf=4096)
+        got = await read_slowly(s.sock, chunk=4096, pause=0)
+        assert got == payload  # everything before the truncation arrives
+        assert await s.outcome() == (_splice.ERROR_READ_INSTANCE, "unexpected EOF")
+        s.sock.close()
+
+    run(main)
+
+
+def test_bytes_before_a_bad_record_reach_the_client(run, tls_server, client_context):
+    good_part = pattern(100_000, seed=7)
+
+    def good_then_bad(tls):
+        tls.sendall(good_part)
+        time.sleep(0.2)
+        raw_send(tls, b"\x17\x03\x03\x00\x20" + os.urandom(32))
+        time.sleep(0.5)
+
+    server = tls_server(good_then_bad)
+
+    async def main():
+        s = await spliced(client_context, server.port)
+        await asyncio.sleep(0.4)  # the failure is read before the client reads anything
+        got = await read_slowly(s.sock, chunk=65536, pause=0)
+        assert got == good_part
+        kind, message = await s.outcome()
+        assert kind == _splice.ERROR_READ_INSTANCE and message
+        s.sock.close()
+
+    run(main)
+
+
+def test_the_half_close_carries_the_count_exactly(run, tls_server, client_context):
+    """Client bytes through small buffers both ways arrive once, in order, then EOF."""
+    payload = pattern(3 * 1024 * 1024 + 17, seed=8)
+
+    def count_and_digest(tls):
+        got = bytearray()
+        while data := tls.recv(65536):
+            got += data
+            time.sleep(0.0005)
+        tls.sendall(struct.pack(">Q", len(got)) + bytes(got[-64:]) + bytes(got[:64]))
+
+    server = tls_server(count_and_digest)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        s = await spliced(client_context, server.port, proxy_rcvbuf=4096, instance_sndbuf=4096)
+        await loop.sock_sendall(s.sock, payload)
+        s.sock.shutdown(socket.SHUT_WR)
+        answer = await read_slowly(s.sock, chunk=65536, pause=0)
+        assert struct.unpack(">Q", answer[:8])[0] == len(payload)
+        assert answer[8:] == payload[-64:] + payload[:64]
+        assert await s.outcome() == (_splice.CLIENT_CLOSED, "")
+        s.sock.close()
+
+    run(main)
