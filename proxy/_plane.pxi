@@ -31,6 +31,12 @@
 #    bytes (there is nobody left to take them); the tail still goes out.
 # Any other error closes both sides at once; the first error wins.
 #
+# A client that goes on sending after the instance has finished and has had
+# every byte is drained (read, dropped) until it closes, or holds all our
+# bytes, or the linger ends:
+# closing on its unread bytes would send a RST, which discards our unacked
+# bytes, the instance's last ones (see _start_draining).
+#
 # Lifetime: a conn_t is freed by Python (Splice._release) after delivery. So
 # nothing on the thread may refer to a finished connection once the batch
 # that finished it is pushed: its fds are removed from epoll before they are
@@ -89,6 +95,12 @@ cdef extern from "sys/socket.h" nogil:
 
 cdef extern from "unistd.h" nogil:
     int getpid()
+
+cdef extern from "sys/ioctl.h" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+cdef extern from "linux/sockios.h" nogil:
+    enum: SIOCOUTQ
 
 cdef extern from "string.h" nogil:
     void *memcpy(void *dst, const void *src, size_t n)
@@ -176,13 +188,30 @@ cdef void _set_message_ssl(conn_t *c, int err, int saved_errno) noexcept nogil:
         ERR_error_string_n(code, c.message, MESSAGE)
 
 
-cdef void _unregister(conn_t *c) noexcept nogil:
+cdef void _close_instance(conn_t *c) noexcept nogil:
+    """Free the SSL* and close the instance socket (once; sfd is -1 after)."""
+    if c.sfd < 0:
+        return
+    if _plane.out_len:
+        # A failed SSL_* call leaves its fatal alert in the shared out buffer.
+        # It is this instance's (best effort, only if it keeps the stream in
+        # order) and never the next connection's.
+        if c.cpend == NULL and not c.s_dead:
+            send(c.sfd, _plane.out, _plane.out_len, MSG_NOSIGNAL | MSG_DONTWAIT)
+        _plane.out_len = 0
     # Before close(): a copy of the fd (a fork between fork and exec) would
     # keep the registration, and its events would name a freed conn_t.
     if c.registered:
-        epoll_ctl(_plane.epfd, EPOLL_CTL_DEL, c.cfd, NULL)
         epoll_ctl(_plane.epfd, EPOLL_CTL_DEL, c.sfd, NULL)
-        c.registered = False
+    SSL_free(c.ssl)
+    c.ssl = NULL
+    close(c.sfd)
+    c.sfd = -1
+    if c.cpend == _plane.out:
+        c.cpend = NULL  # borrowed, never ours to free
+    free(c.cpend)
+    c.cpend = NULL
+    c.cpend_len = c.cpend_off = 0
 
 
 cdef void _finish(conn_t *c, int kind) noexcept nogil:
@@ -193,17 +222,11 @@ cdef void _finish(conn_t *c, int kind) noexcept nogil:
         return
     c.finished = True
     c.kind = kind
-    if _plane.out_len:
-        # A failed SSL_* call leaves its fatal alert in the shared out buffer.
-        # It is this instance's (best effort, only if it keeps the stream in
-        # order) and never the next connection's.
-        if c.cpend == NULL and not c.s_dead:
-            send(c.sfd, _plane.out, _plane.out_len, MSG_NOSIGNAL | MSG_DONTWAIT)
-        _plane.out_len = 0
-    _unregister(c)
-    if c.cpend == _plane.out:
-        c.cpend = NULL  # borrowed, never ours to free
-    if kind == C_INSTANCE_CLOSED or kind == C_CLIENT_CLOSED or c.server_eof:
+    _close_instance(c)
+    if c.registered:
+        epoll_ctl(_plane.epfd, EPOLL_CTL_DEL, c.cfd, NULL)
+        c.registered = False
+    if not c.draining and (kind == C_INSTANCE_CLOSED or kind == C_CLIENT_CLOSED or c.server_eof):
         # Half-close first and drop unread client input, so closing does not
         # turn into a RST that could discard bytes the client has not read.
         shutdown(c.cfd, SHUT_WR)
@@ -211,14 +234,54 @@ cdef void _finish(conn_t *c, int kind) noexcept nogil:
             if read(c.cfd, drain, sizeof(drain)) <= 0:
                 break
     close(c.cfd)
-    SSL_free(c.ssl)
-    c.ssl = NULL
-    close(c.sfd)
-    free(c.cpend)
     free(c.s2c)
-    c.cpend = c.s2c = NULL
+    c.s2c = NULL
     if c.linger_deadline:
         _linger_remove(c)
+
+
+cdef void _start_draining(conn_t *c, int kind) noexcept nogil:
+    """The instance has finished and the client has every byte, but the client still sends.
+
+    Closing now, with its bytes unread, would send a RST, and a RST discards
+    whatever of ours the client has not acknowledged yet: the instance's
+    last bytes. So the client gets its FIN, the instance side closes, and
+    the client's further bytes are read and dropped until it closes too, or
+    has taken all of ours and sends nothing more, or the linger runs out.
+    The outcome is decided already.
+    """
+    c.draining = True
+    c.final_kind = kind
+    shutdown(c.cfd, SHUT_WR)
+    _close_instance(c)
+    _linger_add(c)
+
+
+cdef int _drain_client(conn_t *c) noexcept nogil:
+    """Read and drop client bytes: 1 on progress, 0 if none, -1 when finished."""
+    cdef ssize_t n
+    cdef int unsent = 1
+    if not c.c_readable:
+        return 0
+    n = read(c.cfd, _plane.scratch_in, SCRATCH)
+    if n > 0:
+        return 1
+    if n < 0 and _transient(errno):
+        c.c_readable = False
+        # Nothing unread now; once the client also holds every byte of ours,
+        # a close can no longer discard any of them.
+        if ioctl(c.cfd, SIOCOUTQ, &unsent) < 0 or unsent > 0:
+            return 0
+    _finish(c, c.final_kind)  # EOF, an error, or nothing left to lose
+    return -1
+
+
+cdef bint _client_is_sending(conn_t *c) noexcept nogil:
+    """Whether client bytes wait unread (they are dropped: the instance has gone)."""
+    cdef ssize_t n = read(c.cfd, _plane.scratch_in, SCRATCH)
+    if n == 0:
+        c.client_eof = True
+    return n > 0
 
 
 cdef void _linger_add(conn_t *c) noexcept nogil:
@@ -622,8 +685,10 @@ cdef int _pump_s2c(conn_t *c) noexcept nogil:
 
 cdef bint _pump_once(conn_t *c) noexcept nogil:
     """One round in each direction; True if anything moved and the connection is open."""
-    cdef int a, b
+    cdef int a, b, kind
     _plane.out_len = 0  # nothing of another connection's may be flushed here
+    if c.draining:
+        return _drain_client(c) > 0
     a = _pump_c2s(c)
     if a < 0:
         return False
@@ -633,9 +698,13 @@ cdef bint _pump_once(conn_t *c) noexcept nogil:
     # the instance has finished and the client has all its bytes
     if c.server_eof and c.s2c == NULL:
         if c.eof_error:
-            _finish(c, C_ERROR_READ_INSTANCE)
+            kind = C_ERROR_READ_INSTANCE
         else:
-            _finish(c, C_CLIENT_CLOSED if c.client_first else C_INSTANCE_CLOSED)
+            kind = C_CLIENT_CLOSED if c.client_first else C_INSTANCE_CLOSED
+        if not c.client_eof and _client_is_sending(c):
+            _start_draining(c, kind)
+            return True
+        _finish(c, kind)
         return False
     return a > 0 or b > 0
 
@@ -819,7 +888,8 @@ cdef void *_plane_main(void *arg) noexcept nogil:
             while c != NULL:
                 next_c = c.linger_next
                 if c.linger_deadline <= now and not c.finished:
-                    _finish(c, C_CLIENT_CLOSED)  # takes it off the linger list
+                    # takes it off the linger list
+                    _finish(c, c.final_kind if c.draining else C_CLIENT_CLOSED)
                     c.done_next = done
                     done = c
                 c = next_c
@@ -879,6 +949,7 @@ cdef void _plane_forget_parent() noexcept:
         close(_plane.done_fd)
     _plane.epfd = _plane.wake_fd = _plane.done_fd = -1
     _plane.running = False
+    pthread_mutex_init(&_plane.lock, NULL)  # the parent's thread may have held it
     _plane.starts = _plane.aborts = NULL
     _plane.done_head = _plane.done_tail = NULL
     _plane.lingering = NULL
@@ -921,8 +992,10 @@ _os.register_at_fork(after_in_child=_after_fork_in_child)
 def _drain_completions():
     """Loop reader on done_fd: deliver every finished connection to its Splice."""
     cdef unsigned long long counter
+    cdef unsigned long long one = 1
     cdef conn_t *c
     cdef conn_t *head
+    cdef conn_t *tail
     read(_plane.done_fd, &counter, sizeof(counter))
     pthread_mutex_lock(&_plane.lock)
     head = _plane.done_head
@@ -934,7 +1007,24 @@ def _drain_completions():
         splice = <Splice><PyObject *>c.owner
         c.owner = NULL
         Py_DECREF(splice)  # the reference taken in start(); `splice` holds one
-        splice._deliver()
+        try:
+            splice._deliver()
+        except BaseException:
+            # Only KeyboardInterrupt and the like get here (on_done's own
+            # exceptions go to the loop's handler): the rest of the batch
+            # goes back to the front of the queue for the next call.
+            if head != NULL:
+                tail = head
+                while tail.done_next != NULL:
+                    tail = tail.done_next
+                pthread_mutex_lock(&_plane.lock)
+                tail.done_next = _plane.done_head
+                _plane.done_head = head
+                if _plane.done_tail == NULL:
+                    _plane.done_tail = tail
+                pthread_mutex_unlock(&_plane.lock)
+                write(_plane.done_fd, &one, sizeof(one))
+            raise
 
 
 cdef void _watch_completions(loop) except *:
@@ -1013,6 +1103,7 @@ cdef class Splice:
         _watch_completions(loop)
         self.started = True
         self.loop = loop
+        self.pid = getpid()
         _active += 1
         _total += 1
         Py_INCREF(self)  # the thread's reference, given back in _drain_completions
@@ -1025,8 +1116,8 @@ cdef class Splice:
 
     def abort(self):
         """Tear down soon; on_done still runs once, on the loop, with ABORTED."""
-        if not self.started or self.delivered:
-            return
+        if not self.started or self.delivered or self.pid != getpid():
+            return  # (in a forked child the connection is the parent's)
         pthread_mutex_lock(&_plane.lock)
         if not self.c.abort_pending:
             self.c.abort_pending = True
@@ -1057,7 +1148,7 @@ cdef class Splice:
             return
         try:
             on_done(kind, message)
-        except BaseException as exc:
+        except Exception as exc:
             self.loop.call_exception_handler({
                 "message": "exception in splice on_done callback",
                 "exception": exc,
@@ -1066,7 +1157,7 @@ cdef class Splice:
     cdef void _release(self) noexcept:
         """Free the struct, or leave that to the thread if an abort is in flight."""
         cdef conn_t *c = self.c
-        if c == NULL:
+        if c == NULL or self.pid != getpid():
             return
         self.c = NULL
         pthread_mutex_lock(&_plane.lock)

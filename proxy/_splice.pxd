@@ -44,7 +44,7 @@ cdef class TLSConnection:
 # until its completion is delivered; see _plane.pxi for the thread.
 ctypedef struct conn_t:
     int cfd
-    int sfd
+    int sfd                      # -1 once the instance side is closed
     SSL *ssl
     # Readiness as last reported by epoll, cleared when a call hits EAGAIN.
     bint c_readable, c_writable, s_readable, s_writable
@@ -61,6 +61,8 @@ ctypedef struct conn_t:
     bint client_eof, server_eof, close_notify_sent, client_first, finished
     bint eof_error               # the instance's stream ended with an error (message set)
     bint s_dead                  # the instance finished and takes no more bytes
+    bint draining                # instance side closed; dropping client bytes until it closes
+    int final_kind               # the outcome, decided when draining began
     bint queued                  # on the thread's ready list
     int kind
     char message[200]
@@ -84,6 +86,7 @@ cdef class Splice:
     cdef object on_done
     cdef object loop
     cdef bint started, delivered
+    cdef int pid                 # the process that started it (forks leave it alone)
     cdef unsigned long long final_c2s, final_s2c
 
     cdef _deliver(self)

@@ -12,10 +12,18 @@ from proxy import _splice
 from .test_tls import connect
 
 
-def set_buffers(fd: int, sndbuf: int | None = None, rcvbuf: int | None = None) -> None:
-    """Shrink a socket's kernel buffers (by fd, without taking ownership)."""
+def set_buffers(
+    fd: int, sndbuf: int | None = None, rcvbuf: int | None = None, *, nodelay: bool = False
+) -> None:
+    """Shrink a socket's kernel buffers (by fd, without taking ownership).
+
+    nodelay as the proxy's dialer does: with tiny windows, Nagle's algorithm
+    against delayed ACKs would stall each window for 40 ms.
+    """
     sock = socket.socket(fileno=os.dup(fd))
     try:
+        if nodelay:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if sndbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         if rcvbuf:
@@ -58,7 +66,7 @@ async def spliced(
     pair instead of a socketpair (for urgent data, resets).
     """
     conn = await connect(ctx, port)
-    set_buffers(conn.fileno(), instance_sndbuf, instance_rcvbuf)
+    set_buffers(conn.fileno(), instance_sndbuf, instance_rcvbuf, nodelay=True)
     if tcp_client:
         listener = socket.create_server(("127.0.0.1", 0))
         ours = socket.create_connection(listener.getsockname())

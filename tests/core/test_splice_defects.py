@@ -426,3 +426,52 @@ def test_the_half_close_carries_the_count_exactly(run, tls_server, client_contex
         s.sock.close()
 
     run(main)
+
+
+def test_a_client_still_sending_when_the_instance_ends_gets_the_whole_tail(
+    run, tls_server, client_context
+):
+    """Closing on unread client bytes would RST away the tail: the proxy drains them."""
+    payload = pattern(1024 * 1024, seed=9)
+
+    def send_close_and_read_on(tls):
+        tls.sendall(payload)
+        close_notify(tls)
+        raw = socket.socket(fileno=os.dup(tls.fileno()))
+        raw.settimeout(20)
+        try:
+            while raw.recv(65536):  # no RST from this side either
+                pass
+        except OSError:
+            pass
+        finally:
+            raw.close()
+
+    server = tls_server(send_close_and_read_on)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        s = await spliced(
+            client_context, server.port, tcp_client=True, proxy_sndbuf=4096
+        )
+        reading_done = asyncio.Event()
+
+        async def chatter():
+            block = b"z" * 65536
+            try:
+                while not reading_done.is_set():
+                    await loop.sock_sendall(s.sock, block)
+                    await asyncio.sleep(0.001)
+            except OSError:
+                pass
+
+        talking = loop.create_task(chatter())
+        got = await read_slowly(s.sock, chunk=4096, pause=0.0005)
+        reading_done.set()
+        await talking
+        assert len(got) == len(payload)
+        assert got == payload
+        s.sock.close()
+        assert await s.outcome() == (_splice.INSTANCE_CLOSED, "")
+
+    run(main)
