@@ -3,6 +3,10 @@
 Knobs (environment variables):
   PROXY_DEBUG=1     build the core with assertions and without optimisation
   PROXY_ANNOTATE=1  write Cython's annotated HTML next to the sources
+  PROXY_ASAN=1      build the core with AddressSanitizer (run Python with
+                    LD_PRELOAD=$(gcc -print-file-name=libasan.so) and
+                    ASAN_OPTIONS=detect_leaks=0; tests/core/test_sanitizers.py
+                    does this for the core tests)
 """
 
 import os
@@ -12,7 +16,13 @@ from setuptools import Extension, setup
 
 DEBUG = os.environ.get("PROXY_DEBUG") == "1"
 
+ASAN = os.environ.get("PROXY_ASAN") == "1"
+
 compile_args = ["-O0", "-g", "-UNDEBUG"] if DEBUG else ["-O2"]
+link_args = []
+if ASAN:
+    compile_args = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
+    link_args = ["-fsanitize=address"]
 
 extensions = [
     Extension(
@@ -20,6 +30,7 @@ extensions = [
         ["proxy/_splice.pyx"],
         libraries=["ssl", "crypto", "pthread"],
         extra_compile_args=compile_args,
+        extra_link_args=link_args,
     )
 ]
 

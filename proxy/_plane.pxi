@@ -31,9 +31,9 @@
 #    bytes (there is nobody left to take them); the tail still goes out.
 # Any other error closes both sides at once; the first error wins.
 #
-# A client that goes on sending after the instance has finished and has had
-# every byte is drained (read, dropped) until it closes, or holds all our
-# bytes, or the linger ends:
+# A TCP client that has not acknowledged the instance's last bytes when the
+# instance has finished is drained (read, dropped) until it closes, or holds
+# all our bytes, or the linger ends:
 # closing on its unread bytes would send a RST, which discards our unacked
 # bytes, the instance's last ones (see _start_draining).
 #
@@ -91,7 +91,8 @@ cdef extern from "sys/socket.h" nogil:
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     int setsockopt(int fd, int level, int name, const void *val, unsigned int len)
-    enum: MSG_NOSIGNAL, MSG_DONTWAIT, SOL_SOCKET, SO_OOBINLINE
+    int getsockopt(int fd, int level, int name, void *val, unsigned int *len)
+    enum: MSG_NOSIGNAL, MSG_DONTWAIT, SOL_SOCKET, SO_OOBINLINE, SO_DOMAIN, AF_INET, AF_INET6
 
 cdef extern from "unistd.h" nogil:
     int getpid()
@@ -124,6 +125,9 @@ DEF MESSAGE = 200
 # The longest epoll wait while a linger deadline is pending (ms): deadlines
 # far away are simply re-checked.
 DEF MAX_WAIT_MS = 60000
+# How often a draining connection checks whether the client has acknowledged
+# all our bytes (nothing else wakes it when the client only reads).
+DEF DRAIN_POLL_MS = 10
 # epoll tags: the low bits of the (8-byte aligned) connection pointer.
 DEF SIDE_CLIENT = 0
 DEF SIDE_INSTANCE = 1
@@ -240,40 +244,10 @@ cdef void _finish(conn_t *c, int kind) noexcept nogil:
         _linger_remove(c)
 
 
-cdef void _start_draining(conn_t *c, int kind) noexcept nogil:
-    """The instance has finished and the client has every byte, but the client still sends.
-
-    Closing now, with its bytes unread, would send a RST, and a RST discards
-    whatever of ours the client has not acknowledged yet: the instance's
-    last bytes. So the client gets its FIN, the instance side closes, and
-    the client's further bytes are read and dropped until it closes too, or
-    has taken all of ours and sends nothing more, or the linger runs out.
-    The outcome is decided already.
-    """
-    c.draining = True
-    c.final_kind = kind
-    shutdown(c.cfd, SHUT_WR)
-    _close_instance(c)
-    _linger_add(c)
-
-
-cdef int _drain_client(conn_t *c) noexcept nogil:
-    """Read and drop client bytes: 1 on progress, 0 if none, -1 when finished."""
-    cdef ssize_t n
-    cdef int unsent = 1
-    if not c.c_readable:
-        return 0
-    n = read(c.cfd, _plane.scratch_in, SCRATCH)
-    if n > 0:
-        return 1
-    if n < 0 and _transient(errno):
-        c.c_readable = False
-        # Nothing unread now; once the client also holds every byte of ours,
-        # a close can no longer discard any of them.
-        if ioctl(c.cfd, SIOCOUTQ, &unsent) < 0 or unsent > 0:
-            return 0
-    _finish(c, c.final_kind)  # EOF, an error, or nothing left to lose
-    return -1
+cdef bint _client_unacked(conn_t *c) noexcept nogil:
+    """Whether bytes of ours are not yet acknowledged (TCP) or read (unix) by the client."""
+    cdef int unacked = 0
+    return ioctl(c.cfd, SIOCOUTQ, &unacked) < 0 or unacked > 0
 
 
 cdef bint _client_is_sending(conn_t *c) noexcept nogil:
@@ -284,12 +258,52 @@ cdef bint _client_is_sending(conn_t *c) noexcept nogil:
     return n > 0
 
 
+cdef void _start_draining(conn_t *c, int kind) noexcept nogil:
+    """The instance has finished; the client has every byte but has not acknowledged them all.
+
+    A close now, while the client still sends (or sends again), draws a RST,
+    and a RST discards whatever of ours is not acknowledged yet: the
+    instance's last bytes. So the client gets its FIN, the instance side
+    closes, and the client's further bytes are read and dropped until it
+    closes too, or has acknowledged all of ours (polled every DRAIN_POLL_MS),
+    or the linger runs out. The outcome is decided already.
+    """
+    cdef long long now = _now_ns()
+    c.draining = True
+    c.final_kind = kind
+    c.drain_deadline = now + c.linger_ns
+    shutdown(c.cfd, SHUT_WR)
+    _close_instance(c)
+    _linger_at(c, now + DRAIN_POLL_MS * 1000000LL)
+
+
+cdef int _drain_client(conn_t *c) noexcept nogil:
+    """Read and drop client bytes: 1 on progress, 0 if none, -1 when finished."""
+    cdef ssize_t n
+    if not c.c_readable:
+        return 0
+    n = read(c.cfd, _plane.scratch_in, SCRATCH)
+    if n > 0:
+        return 1
+    if n < 0 and _transient(errno):
+        c.c_readable = False
+        if _client_unacked(c):
+            return 0
+    _finish(c, c.final_kind)  # EOF, an error, or nothing left to lose
+    return -1
+
+
 cdef void _linger_add(conn_t *c) noexcept nogil:
-    if c.linger_deadline:
+    if not c.linger_deadline:
+        _linger_at(c, _now_ns() + c.linger_ns)
+
+
+cdef void _linger_at(conn_t *c, long long deadline) noexcept nogil:
+    """Put c on the linger list with this deadline (or move its deadline)."""
+    cdef bint listed = c.linger_deadline != 0
+    c.linger_deadline = deadline if deadline != 0 else 1  # 0 means "not listed"
+    if listed:
         return
-    c.linger_deadline = _now_ns() + c.linger_ns
-    if c.linger_deadline == 0:
-        c.linger_deadline = 1  # 0 means "not lingering"
     c.linger_prev = NULL
     c.linger_next = _plane.lingering
     if _plane.lingering != NULL:
@@ -701,7 +715,16 @@ cdef bint _pump_once(conn_t *c) noexcept nogil:
             kind = C_ERROR_READ_INSTANCE
         else:
             kind = C_CLIENT_CLOSED if c.client_first else C_INSTANCE_CLOSED
-        if not c.client_eof and _client_is_sending(c):
+        # Over TCP, a RST would discard our unacknowledged bytes: drain while
+        # any are left. A unix socket loses nothing (our bytes are in the
+        # client's queue already), but a close on unread bytes makes the
+        # client read ECONNRESET after them instead of EOF: drain only if
+        # it is sending now, so an idle client is closed at once.
+        if (
+            not c.client_eof
+            and _client_unacked(c)
+            and (c.client_tcp or _client_is_sending(c))
+        ):
             _start_draining(c, kind)
             return True
         _finish(c, kind)
@@ -888,8 +911,14 @@ cdef void *_plane_main(void *arg) noexcept nogil:
             while c != NULL:
                 next_c = c.linger_next
                 if c.linger_deadline <= now and not c.finished:
-                    # takes it off the linger list
-                    _finish(c, c.final_kind if c.draining else C_CLIENT_CLOSED)
+                    if not c.draining:
+                        _finish(c, C_CLIENT_CLOSED)  # takes it off the list
+                    elif now >= c.drain_deadline or not _client_unacked(c):
+                        _finish(c, c.final_kind)
+                    else:
+                        c.linger_deadline = now + DRAIN_POLL_MS * 1000000LL
+                        c = next_c
+                        continue
                     c.done_next = done
                     done = c
                 c = next_c
@@ -1089,6 +1118,10 @@ cdef class Splice:
         # see c_urgent), rather than being dropped from it.
         setsockopt(self.c.cfd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof(one))
         setsockopt(self.c.sfd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof(one))
+        cdef int domain = 0
+        cdef unsigned int size = sizeof(domain)
+        getsockopt(self.c.cfd, SOL_SOCKET, SO_DOMAIN, &domain, &size)
+        self.c.client_tcp = domain == AF_INET or domain == AF_INET6
         # Anything decrypted or buffered before start is found by the first pump.
         self.c.c_readable = self.c.c_writable = True
         self.c.s_readable = self.c.s_writable = True

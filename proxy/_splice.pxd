@@ -63,6 +63,8 @@ ctypedef struct conn_t:
     bint s_dead                  # the instance finished and takes no more bytes
     bint draining                # instance side closed; dropping client bytes until it closes
     int final_kind               # the outcome, decided when draining began
+    long long drain_deadline     # when draining gives up (the linger)
+    bint client_tcp              # the client socket is TCP (RSTs can discard bytes)
     bint queued                  # on the thread's ready list
     int kind
     char message[200]

@@ -277,9 +277,18 @@ class ProxyServer:
                     self._log.info("[%s] %s", short, line)
             self._count(-1)
 
-        splice = _splice.Splice(client.detach(), conn, done, HALF_CLOSE_LINGER)
+        try:
+            splice = _splice.Splice(client.detach(), conn, done, HALF_CLOSE_LINGER)
+            splice.start(asyncio.get_running_loop())
+        except Exception as exc:
+            # Splice closes both fds when it cannot take or start them.
+            conn.close()
+            self._count(-1)
+            if metrics is not None:
+                metrics.connection_closed(short, 0, 0)
+            self._log.error("[%s] failed to start the connection: %s", short, exc)
+            return
         self._splices[splice] = short
-        splice.start(asyncio.get_running_loop())
 
     def _live_bytes(self) -> dict[str, tuple[int, int]]:
         """Bytes moved so far by open connections, per instance (read at scrape time)."""

@@ -74,7 +74,10 @@ async def spliced(
         listener.close()
     else:
         ours, theirs = socket.socketpair()
-    for sock, snd, rcv in ((theirs, proxy_sndbuf, proxy_rcvbuf), (ours, client_sndbuf, client_rcvbuf)):
+    for sock, snd, rcv in (
+        (theirs, proxy_sndbuf, proxy_rcvbuf),
+        (ours, client_sndbuf, client_rcvbuf),
+    ):
         set_buffers(sock.fileno(), snd, rcv)
         sock.setblocking(False)
     loop = asyncio.get_running_loop()

@@ -117,12 +117,12 @@ def test_linger_ends_a_busy_connection_cleanly(run, tls_server, client_context):
             ]
             totals: list[int] = []
             readers = [threading.Thread(target=drain, args=(s.sock, totals)) for s in conns]
-            for s, reader in zip(conns, readers):
+            for s, reader in zip(conns, readers, strict=True):
                 reader.start()
                 s.sock.shutdown(socket.SHUT_WR)
             for s in conns:
                 assert await s.outcome() == (_splice.CLIENT_CLOSED, "")
-            for s, reader in zip(conns, readers):
+            for s, reader in zip(conns, readers, strict=True):
                 await asyncio.get_running_loop().run_in_executor(None, reader.join, 10)
                 s.sock.close()
             assert len(totals) == 4 and min(totals) > 0
@@ -193,11 +193,15 @@ def test_client_half_close_near_the_end_keeps_the_instance_tail(run, tls_server,
 
 def test_write_error_after_the_instance_ended_keeps_the_tail(run, tls_server, client_context):
     payload = pattern(1024 * 1024 + 50_000, seed=5)
+    near_the_end = threading.Event()
 
     def send_and_close(tls):
         tls.sendall(payload)
         close_notify(tls)
-        # Returning closes the socket: the client's next bytes draw a RST.
+        # Everything is out of this socket by now (the rest fits the
+        # proxy's receive buffer); returning closes it, and the client's
+        # next bytes draw a RST, so the proxy's writes to it fail.
+        near_the_end.wait(20)
 
     server = tls_server(send_and_close)
 
@@ -210,12 +214,12 @@ def test_write_error_after_the_instance_ended_keeps_the_tail(run, tls_server, cl
                 await loop.sock_sendall(s.sock, b"x" * 1000)
                 await asyncio.sleep(0.02)
 
+        def start_talking():
+            near_the_end.set()
+            loop.create_task(chatter())
+
         got = await read_slowly(
-            s.sock,
-            chunk=1000,
-            pause=0.001,
-            at=len(payload) - 60_000,
-            then=lambda: loop.create_task(chatter()),
+            s.sock, chunk=1000, pause=0.001, at=len(payload) - 60_000, then=start_talking
         )
         assert got == payload
         assert await s.outcome() == (_splice.INSTANCE_CLOSED, "")
@@ -313,7 +317,9 @@ def test_a_forked_child_gets_its_own_data_plane(run, tls_server, client_context)
 
 
 @pytest.mark.parametrize("linger", [math.nan, math.inf, -1.0, 1e300])
-def test_a_linger_out_of_range_is_refused_and_nothing_leaks(run, tls_server, client_context, linger):
+def test_a_linger_out_of_range_is_refused_and_nothing_leaks(
+    run, tls_server, client_context, linger
+):
     server = tls_server()
 
     async def main():
@@ -451,9 +457,7 @@ def test_a_client_still_sending_when_the_instance_ends_gets_the_whole_tail(
 
     async def main():
         loop = asyncio.get_running_loop()
-        s = await spliced(
-            client_context, server.port, tcp_client=True, proxy_sndbuf=4096
-        )
+        s = await spliced(client_context, server.port, tcp_client=True, proxy_sndbuf=4096)
         reading_done = asyncio.Event()
 
         async def chatter():

@@ -12,6 +12,7 @@ the outcome the splice reports. A failure names the seed and the plan:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
@@ -156,10 +157,8 @@ class MemoryTLS:
         await self.flush()
 
     async def close_notify(self) -> None:
-        try:
-            self.obj.unwrap()
-        except ssl.SSLError:
-            pass  # it waits for the peer's; ours is in outgoing
+        with contextlib.suppress(ssl.SSLError):  # it waits for the peer's
+            self.obj.unwrap()  # ours is in outgoing now
         await self.flush()
 
 
