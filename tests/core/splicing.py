@@ -35,10 +35,17 @@ def set_buffers(
 class Spliced:
     """A client socket spliced to a TLS connection, and the splice's one outcome."""
 
-    def __init__(self, sock: socket.socket, splice: _splice.Splice, done: asyncio.Future):
+    def __init__(
+        self,
+        sock: socket.socket,
+        splice: _splice.Splice,
+        done: asyncio.Future,
+        fds: tuple[int, int],
+    ):
         self.sock = sock
         self.splice = splice
         self.done = done
+        self.fds = fds  # the splice's client and instance fds (owned by it)
         self.calls: list[tuple[int, str]] = []
 
     async def outcome(self, timeout: float = 10) -> tuple[int, str]:
@@ -89,8 +96,9 @@ async def spliced(
         if not done.done():
             done.set_result((kind, message))
 
+    fds = (theirs.fileno(), conn.fileno())
     splice = _splice.Splice(theirs.detach(), conn, on_done, linger)
-    result = Spliced(ours, splice, done)
+    result = Spliced(ours, splice, done, fds)
     splice.start(loop)
     return result
 
