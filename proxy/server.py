@@ -19,7 +19,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from proxy import _splice, pgstartup, tlsconn
+from proxy import _splice, pgstartup, tlsconn, unixlisten
 from proxy.config import Config, InstanceConfig, TCPMount, UnixMount, plan_mounts
 from proxy.dialer import Dialer, set_tcp_options
 from proxy.errors import StartupError
@@ -92,18 +92,12 @@ class ProxyServer:
         if isinstance(mount, TCPMount):
             return self._open_tcp(inst, mount)
         try:
-            parent = os.path.dirname(mount.directory)
-            os.stat(parent or ".")
-            if not os.path.isdir(mount.directory):
-                os.mkdir(mount.directory)
-                os.chmod(mount.directory, 0o777)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.bind(mount.path)
-                sock.listen(socket.SOMAXCONN)
-            except BaseException:
-                sock.close()
-                raise
+            unixlisten.prepare_directory(mount.directory)
+            sock = unixlisten.bind(mount.path)
+        except unixlisten.UnsafeDirectory as exc:
+            raise StartupError(
+                f"unable to start: [{short}] Unable to mount socket: unsafe socket directory: {exc}"
+            ) from None
         except OSError as exc:
             reason = (exc.strerror or str(exc)).lower()
             what = (
@@ -114,8 +108,6 @@ class ProxyServer:
             raise StartupError(
                 f"unable to start: [{short}] Unable to mount socket: {what}"
             ) from None
-        with contextlib.suppress(OSError):
-            os.chmod(mount.path, 0o777)  # best effort, as the Go proxy does
         sock.setblocking(False)
         return Listener(inst, sock, mount.path, unix_path=mount.path)
 
