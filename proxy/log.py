@@ -21,6 +21,26 @@ import time
 from typing import TextIO
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, for strings a client chose.
+
+    A database user name with a newline could otherwise forge a log line.
+    """
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable() or ch == " ":
+            out.append(ch)
+        elif ch in "\n\r\t":
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}[ch])
+        elif ord(ch) < 0x100:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(f"\\u{ord(ch):04x}")
+    return "".join(out)
+
+
 class Logger:
     """The proxy's logger; a process has one, shared by every module."""
 

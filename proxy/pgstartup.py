@@ -14,6 +14,8 @@ import asyncio
 import socket
 import struct
 
+from proxy.log import printable
+
 SSL_REQUEST = 80877103
 GSSENC_REQUEST = 80877104
 PROTOCOL_3 = 196608
@@ -57,9 +59,11 @@ def startup_user(packet: bytes) -> str | None:
 
 
 def iam_user_hint(user: str | None) -> str | None:
+    """A log line for a likely IAM user name mistake (the client's text escaped)."""
     if user and user.endswith(SERVICE_ACCOUNT_SUFFIX):
+        shown = printable(user)
         return (
-            f'IAM database user "{user}" ends in {SERVICE_ACCOUNT_SUFFIX}: AlloyDB names service '
-            f'accounts without it, log in as "{user[: -len(SERVICE_ACCOUNT_SUFFIX)]}"'
+            f'IAM database user "{shown}" ends in {SERVICE_ACCOUNT_SUFFIX}: AlloyDB names service '
+            f'accounts without it, log in as "{shown[: -len(SERVICE_ACCOUNT_SUFFIX)]}"'
         )
     return None

@@ -8,6 +8,7 @@ variables or config files. Failures print ``Error: <msg>`` and exit 1.
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 import time
 import urllib.error
@@ -42,7 +43,7 @@ def wait(max_wait: str, http_address: str, http_port: str, quiet: bool) -> None:
     deadline = time.monotonic() + limit
     while True:
         try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
+            with _opener(http_address).open(url, timeout=1) as resp:
                 if resp.status == 200:
                     return
         except (urllib.error.URLError, OSError):
@@ -52,12 +53,29 @@ def wait(max_wait: str, http_address: str, http_port: str, quiet: bool) -> None:
         time.sleep(1)
 
 
+def _opener(host: str) -> urllib.request.OpenerDirector:
+    """urllib's opener, without $http_proxy for loopback hosts (Go never proxies those)."""
+    if _is_loopback(host):
+        return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener()
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @click.command("shutdown", help="Signal a running Proxy process to shut down")
 @click.option("--admin-port", default="9091", help="port for the admin server")
 def shutdown(admin_port: str) -> None:
     request = urllib.request.Request(f"http://127.0.0.1:{admin_port}/quitquitquit", method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
+        with _opener("127.0.0.1").open(request, timeout=10) as resp:
             status, body = resp.status, resp.read().decode("utf-8", "replace")
     except urllib.error.HTTPError as err:
         status, body = err.code, err.read().decode("utf-8", "replace")
