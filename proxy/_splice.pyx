@@ -306,6 +306,17 @@ cdef class TLSClientContext:
             self.ctx = NULL
 
 
+cdef str _server_name_problem(str name):
+    """Why ``name`` cannot be checked against the server certificate ('' if it can)."""
+    if not name:
+        return "empty"
+    if "%" in name:
+        return "a scoped address (with %) cannot be verified"
+    if any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in name):
+        return "control characters, spaces or NUL"
+    return ""
+
+
 cdef bint _is_ip(str name):
     import ipaddress
     try:
@@ -325,6 +336,11 @@ cdef class TLSConnection:
         self.context = context
         name = server_name.rstrip(".")
         self.server_name = name
+        problem = _server_name_problem(name)
+        if problem:
+            close(fd)
+            self.closed = True
+            raise TLSError(f"invalid server name {name!r}: {problem}")
         self.ssl = SSL_new(context.ctx)
         if self.ssl == NULL:
             close(fd)
@@ -333,16 +349,25 @@ cdef class TLSConnection:
         _set_nonblocking(fd)
         SSL_set_fd(self.ssl, fd)
         SSL_set_connect_state(self.ssl)
-        encoded = name.encode("idna" if not _is_ip(name) else "ascii")
+        is_ip = _is_ip(name)
+        encoded = name.encode("ascii" if is_ip else "idna")
         session = context.sessions.get(name)
         if session is not None:
             SSL_set_session(self.ssl, (<_Session>session).ptr)
-        if _is_ip(name):
+        # Each of these must take, or the identity check would be skipped:
+        # fail the dial instead (fail closed).
+        if is_ip:
             # IP literals are checked against IP SANs and never sent as SNI.
-            X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(self.ssl), encoded)
+            ok = X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(self.ssl), encoded) == 1
         else:
-            SSL_set_tlsext_host_name(self.ssl, encoded)
-            SSL_set1_host(self.ssl, encoded)
+            ok = (
+                SSL_set_tlsext_host_name(self.ssl, encoded) == 1
+                and SSL_set1_host(self.ssl, encoded) == 1
+            )
+        if not ok:
+            reason = _openssl_reason("rejected by OpenSSL")
+            self._close()
+            raise TLSError(f"cannot check the server identity {name!r}: {reason}")
 
     cdef void _close(self) noexcept:
         if self.closed:

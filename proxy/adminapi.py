@@ -10,8 +10,10 @@ at 60 s, within a 60 s deadline, with jitter).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -71,9 +73,9 @@ class AdminAPIClient:
     async def connection_info(self, uri: InstanceURI) -> InstanceAddresses:
         body = await self._call("GET", f"{uri.name}/connectionInfo", uri.name, None)
         return InstanceAddresses(
-            private_ip=str(body.get("ipAddress", "")),
-            public_ip=str(body.get("publicIpAddress", "")),
-            psc_dns_name=str(body.get("pscDnsName", "")).rstrip("."),
+            private_ip=_checked_ip(body, "ipAddress"),
+            public_ip=_checked_ip(body, "publicIpAddress"),
+            psc_dns_name=_checked_dns_name(body, "pscDnsName"),
         )
 
     async def client_certificate(self, uri: InstanceURI, public_key_pem: str) -> ClientCertificate:
@@ -142,3 +144,32 @@ class AdminAPIClient:
             raise AdminAPIError(status, str(err.get("message", "")), str(err.get("status", "")))
         text = raw.decode("utf-8", "replace").strip()[:200]
         raise AdminAPIError(status, text or "no error body")
+
+
+# A DNS name as the certificate check takes it: labels of letters, digits,
+# hyphens and underscores.
+_DNS_NAME = re.compile(
+    r"(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+    r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+)
+
+
+def _checked_ip(body: dict[str, Any], field: str) -> str:
+    """The field's IP address ('' if absent); anything else is the API's error."""
+    value = str(body.get(field) or "")
+    if not value:
+        return ""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise AdminAPIError(200, f"connectionInfo has an invalid {field}: {value!r}") from None
+    if "%" in value:
+        raise AdminAPIError(200, f"connectionInfo has a scoped {field}: {value!r}")
+    return value
+
+
+def _checked_dns_name(body: dict[str, Any], field: str) -> str:
+    value = str(body.get(field) or "").rstrip(".")
+    if value and not _DNS_NAME.fullmatch(value):
+        raise AdminAPIError(200, f"connectionInfo has an invalid {field}: {value!r}")
+    return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 
 import pytest
@@ -116,5 +117,26 @@ def test_sessions_resume_only_for_the_same_server_name(run, tls_server, pki):
         assert not await exchange(ctx, "db.example.test")  # never offered across names
         assert await exchange(ctx, "db.example.test")
         assert not await exchange(new_context(), "127.0.0.1")  # a refresh starts empty
+
+    run(main)
+
+
+@pytest.mark.parametrize(
+    "name", ["::1%lo", "127.0.0.1%lo", "db.example.test\0.evil", "db example", ""]
+)
+def test_a_name_that_cannot_be_verified_fails_the_dial(run, tls_server, client_context, name):
+    """Fail closed: a scoped address once turned the IP check off (issue 10, finding 6)."""
+    server = tls_server()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", server.port))
+        fd = sock.detach()
+        with pytest.raises(_splice.TLSError, match="invalid server name"):
+            _splice.TLSConnection(client_context, fd, name)
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed by the refusal
 
     run(main)
