@@ -12,12 +12,19 @@ Admin (``--quitquitquit`` and/or ``--debug`` on ``localhost:--admin-port``):
   /debug/pprof/  see proxy/profiling.py
 
 A small HTTP/1.1 handler is all these need; it answers one request per
-connection and never blocks the loop.
+connection and never blocks the loop. Each request head must arrive within
+5 s and 16 KiB (100 headers); at most 64 connections are held at once, and
+when full the oldest one still sending its head is dropped for the new one.
+Requests whose Host or Origin name someone else's site (DNS rebinding), or
+that a browser marks cross-site, get 403: a web page cannot read /debug or
+trigger /quitquitquit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -29,11 +36,84 @@ Handler = Callable[[str, str], Awaitable[tuple[int, str]]]
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
     501: "Not Implemented",
     503: "Service Unavailable",
 }
-_READ_TIMEOUT = 5.0
+# One deadline for reading a whole request head, and caps on its size and on
+# connections held at once: a slow or oversized client costs one connection
+# slot for at most the deadline, never a traceback, and never starves probes.
+_HEAD_TIMEOUT = 5.0
+_MAX_HEAD_BYTES = 16384
+_MAX_HEADERS = 100
+_MAX_CONNECTIONS = 64
+_LOOPBACK_NAMES = ("localhost", "localhost.")
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(body)
+        self.status, self.body = status, body
+
+
+def host_is_allowed(host_header: str, extra: tuple[str, ...] = (), *, any_ip: bool = False) -> bool:
+    """Whether a Host (or Origin) names this server rather than someone's DNS name.
+
+    A web page can reach a loopback server through DNS rebinding, but its
+    requests then carry the attacker's name in Host. Loopback names and
+    addresses pass, the configured address passes, and with ``any_ip`` any IP
+    literal (a Kubernetes probe names the pod's IP).
+    """
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    if host in _LOOPBACK_NAMES or host in extra:
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any_ip or address.is_loopback
+
+
+@dataclass
+class RequestPolicy:
+    """Which requests a server takes (see ``host_is_allowed``).
+
+    ``any_host`` drops the Host check, for a server bound to a network
+    address, which anyone who can route to it reaches under any name; the
+    cross-site checks still apply.
+    """
+
+    extra_hosts: tuple[str, ...] = ()
+    any_ip: bool = False
+    any_host: bool = False
+
+    def problem(self, headers: dict[str, str]) -> str:
+        host = headers.get("host", "")
+        if (
+            host
+            and not self.any_host
+            and not host_is_allowed(host, self.extra_hosts, any_ip=self.any_ip)
+        ):
+            return f"host {host!r} is not this server"
+        if headers.get("sec-fetch-site", "") == "cross-site":
+            return "cross-site request"
+        origin = headers.get("origin", "")
+        if origin and origin != "null":
+            name = urllib.parse.urlsplit(origin).netloc
+            if not (self.any_host and name == host) and not host_is_allowed(
+                name, self.extra_hosts, any_ip=self.any_ip
+            ):
+                return f"origin {origin!r} is not this server"
+        elif origin == "null":
+            return "opaque origin"
+        return ""
 
 
 @dataclass
@@ -48,34 +128,78 @@ class ProbeState:
 class HTTPServer:
     """Routes ``path`` to ``handler(method, query) -> (status, body)``."""
 
-    def __init__(self, routes: dict[str, Handler]) -> None:
+    def __init__(self, routes: dict[str, Handler], policy: RequestPolicy | None = None) -> None:
         self._routes = routes
+        self._policy = policy or RequestPolicy()
         self._server: asyncio.base_events.Server | None = None
+        self._open = 0
+        # Connections still reading their request head, oldest first.
+        self._reading: dict[asyncio.StreamWriter, None] = {}
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._serve, host, port)
+        self._server = await asyncio.start_server(self._serve, host, port, limit=_MAX_HEAD_BYTES)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
 
+    async def _read_head(self, reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str]]:
+        total = 0
+        lines: list[bytes] = []
+        while True:
+            try:
+                line = await reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError:
+                raise _BadRequest(431, "request header fields too large\n") from None
+            except asyncio.IncompleteReadError:
+                raise ConnectionError("closed before the request ended") from None
+            total += len(line)
+            if total > _MAX_HEAD_BYTES or len(lines) > _MAX_HEADERS:
+                raise _BadRequest(431, "request header fields too large\n")
+            if line in (b"\r\n", b"\n"):
+                break
+            lines.append(line)
+        if not lines:
+            raise _BadRequest(400, "empty request\n")
+        parts = lines[0].decode("latin-1").split()
+        if len(parts) < 2:
+            raise _BadRequest(400, "malformed request line\n")
+        headers: dict[str, str] = {}
+        for raw in lines[1:]:
+            name, sep, value = raw.decode("latin-1").partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        return parts[0], parts[1], headers
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), _READ_TIMEOUT)
-            while (await asyncio.wait_for(reader.readline(), _READ_TIMEOUT)) not in (
-                b"\r\n",
-                b"\n",
-                b"",
-            ):
-                pass
-            parts = line.decode("latin-1").split()
-            if len(parts) < 2:
+        if self._open >= _MAX_CONNECTIONS:
+            # Full: the oldest connection still sending its head (a slow
+            # client, most likely) makes room; a probe takes milliseconds.
+            if not self._reading:
+                writer.transport.abort()
                 return
-            method, target = parts[0], parts[1]
-            path, _, query = target.partition("?")
-            route = self._routes.get(path)
-            status, body = await route(method, query) if route else (404, "404 page not found\n")
+            oldest = next(iter(self._reading))
+            del self._reading[oldest]
+            oldest.transport.abort()
+        self._open += 1
+        self._reading[writer] = None
+        try:
+            try:
+                method, target, headers = await asyncio.wait_for(
+                    self._read_head(reader), _HEAD_TIMEOUT
+                )
+                self._reading.pop(writer, None)
+                refused = self._policy.problem(headers)
+                if refused:
+                    raise _BadRequest(403, f"forbidden: {refused}\n")
+                path, _, query = target.partition("?")
+                route = self._routes.get(path)
+                status, body = (
+                    await route(method, query) if route else (404, "404 page not found\n")
+                )
+            except _BadRequest as bad:
+                status, body = bad.status, bad.body
             data = body.encode()
             writer.write(
                 f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n"
@@ -83,10 +207,12 @@ class HTTPServer:
                 f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
                 + data
             )
-            await writer.drain()
-        except (ConnectionError, TimeoutError, UnicodeDecodeError):
-            pass
+            await asyncio.wait_for(writer.drain(), _HEAD_TIMEOUT)
+        except (ConnectionError, TimeoutError, UnicodeDecodeError, ValueError):
+            pass  # the client's problem: nothing to log, nothing to answer
         finally:
+            self._reading.pop(writer, None)
+            self._open -= 1
             writer.close()
 
 

@@ -26,6 +26,7 @@ import time
 import traceback
 import tracemalloc
 import urllib.parse
+from collections.abc import Callable
 
 from proxy import _splice
 from proxy.health import Handler
@@ -125,6 +126,8 @@ def debug_routes() -> dict[str, Handler]:
     async def heap(_method: str, _query: str) -> tuple[int, str]:
         return 200, _heap()
 
+    busy: list[bool] = []  # one profile at a time
+
     async def profile(_method: str, query: str) -> tuple[int, str]:
         raw = urllib.parse.parse_qs(query).get("seconds", ["30"])[0]
         try:
@@ -133,11 +136,16 @@ def debug_routes() -> dict[str, Handler]:
             return 400, f'invalid value for "seconds": "{raw}"\n'
         if not 0 < seconds <= MAX_PROFILE_SECONDS:
             return 400, f'"seconds" must be between 0 and {MAX_PROFILE_SECONDS:g}\n'
-        loop = asyncio.get_running_loop()
-        return 200, await loop.run_in_executor(None, _sample, loop_thread, seconds)
+        if busy:
+            return 429, "a profile is already being taken; try again when it ends\n"
+        busy.append(True)
+        try:
+            return 200, await _on_own_thread(_sample, loop_thread, seconds)
+        finally:
+            busy.clear()
 
     async def cmdline(_method: str, _query: str) -> tuple[int, str]:
-        return 200, "\x00".join(sys.argv)
+        return 200, "\x00".join(redacted_argv(sys.argv))
 
     async def unavailable(_method: str, _query: str) -> tuple[int, str]:
         return 501, "not available in the Python proxy; see /debug/pprof/\n"
@@ -152,3 +160,56 @@ def debug_routes() -> dict[str, Handler]:
         PREFIX + "symbol": unavailable,
         PREFIX + "trace": unavailable,
     }
+
+
+async def _on_own_thread(fn: Callable[..., str], *args: object) -> str:
+    """Run ``fn`` on a thread of its own: a long profile must not hold a pool
+    thread that Admin API calls and token fetches need."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[str] = loop.create_future()
+
+    def settle(result: str | None, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result or "")
+
+    def work() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=work, name="pprof-profile", daemon=True).start()
+    return await done
+
+
+#: Flags whose values are secrets: never shown by /debug/pprof/cmdline.
+SECRET_FLAGS = ("--token", "-t", "--login-token", "--json-credentials", "-j")
+
+
+def redacted_argv(argv: list[str]) -> list[str]:
+    """``argv`` with the values of SECRET_FLAGS replaced (every spelling click takes)."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append("REDACTED")
+            hide_next = False
+            continue
+        if arg in SECRET_FLAGS:
+            hide_next = True
+            out.append(arg)
+            continue
+        flag, eq, _ = arg.partition("=")
+        if eq and flag in SECRET_FLAGS:
+            out.append(f"{flag}=REDACTED")
+        elif arg[:2] in ("-t", "-j") and not arg.startswith("--") and len(arg) > 2:
+            out.append(arg[:2] + "REDACTED")
+        else:
+            out.append(arg)
+    return out

@@ -21,7 +21,15 @@ from proxy.config import Config
 from proxy.credentials import resolve
 from proxy.dialer import Dialer
 from proxy.errors import ProxyError
-from proxy.health import HTTPServer, ProbeState, admin_routes, health_routes, metrics_route
+from proxy.health import (
+    HTTPServer,
+    ProbeState,
+    RequestPolicy,
+    admin_routes,
+    health_routes,
+    host_is_allowed,
+    metrics_route,
+)
 from proxy.keys import KeyPair, generate_in_background
 from proxy.log import Logger
 from proxy.metrics import Metrics
@@ -130,7 +138,13 @@ class Supervisor:
             )
             if self.metrics is not None:
                 routes["/metrics"] = metrics_route(self.metrics)
-            health = HTTPServer(routes)
+            bound = cfg.http_address.strip("[]").lower()
+            health = HTTPServer(
+                routes,
+                RequestPolicy(
+                    extra_hosts=(bound,), any_ip=True, any_host=not host_is_allowed(bound)
+                ),
+            )
             await health.start(cfg.http_address, int(cfg.http_port))
             started.append(health)
             log.info("Starting health check server at %s:%s", cfg.http_address, cfg.http_port)
@@ -138,7 +152,7 @@ class Supervisor:
             admin_table = admin_routes(self._on_quit) if cfg.quitquitquit else {}
             if cfg.debug:
                 admin_table.update(debug_routes())
-            admin = HTTPServer(admin_table)
+            admin = HTTPServer(admin_table, RequestPolicy())  # loopback names only
             await admin.start("localhost", int(cfg.admin_port))
             started.append(admin)
             if cfg.quitquitquit:
