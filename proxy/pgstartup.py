@@ -23,13 +23,17 @@ MAX_STARTUP = 10000
 SERVICE_ACCOUNT_SUFFIX = ".gserviceaccount.com"
 
 
+class ClientLeft(ConnectionError):
+    """The client went away before its startup message: its own choice, not a dial failure."""
+
+
 async def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     loop = asyncio.get_running_loop()
     data = b""
     while len(data) < n:
         chunk = await loop.sock_recv(sock, n - len(data))
         if not chunk:
-            raise ConnectionError("client closed the connection before its startup message")
+            raise ClientLeft("client closed the connection before its startup message")
         data += chunk
     return data
 

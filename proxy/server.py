@@ -27,6 +27,8 @@ from proxy.log import Logger
 from proxy.metrics import Metrics
 
 DIAL_TIMEOUT = 30.0
+# How long an AUTO_IAM client may take to send its startup message.
+STARTUP_TIMEOUT = 30.0
 #: How long to stop accepting after a resource error (EMFILE, ENFILE, ENOBUFS).
 ACCEPT_BACKOFF = 0.1
 #: After the client half-closes, how long to wait for the instance to finish.
@@ -40,6 +42,10 @@ _DONE_LINES = {
     _splice.ERROR_READ_INSTANCE: (True, "connection aborted - error reading from instance: "),
     _splice.ERROR_WRITE_CLIENT: (True, "connection aborted - error writing to client: "),
 }
+
+
+class StartupTimeout(Exception):
+    """An AUTO_IAM client sent no startup message in time (no dial was made)."""
 
 
 def _format_addr(family: int, addr: object) -> str:
@@ -208,26 +214,34 @@ class ProxyServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _dial(self, inst: InstanceConfig, client: socket.socket) -> _splice.TLSConnection:
+    async def _startup_message(self, inst: InstanceConfig, client: socket.socket) -> bytes | None:
+        """Under AUTO_IAM, the client's startup message (SSLRequest answered with N).
+
+        Read before the dial: dialling meanwhile would save a round trip, but
+        would cost an authenticated instance connection (and a token) for
+        every client that only probes the port or never speaks.
+        """
         if not self._cfg.auto_iam_for(inst):
-            return await self._dialer.dial(inst)
-        # Read the client's startup message while the dial runs (see pgstartup).
-        dial = asyncio.ensure_future(self._dialer.dial(inst))
+            return None
         try:
-            startup = await pgstartup.read_startup(client)
-        except BaseException:
-            dial.cancel()
-            await asyncio.gather(dial, return_exceptions=True)
-            raise
+            startup = await asyncio.wait_for(pgstartup.read_startup(client), STARTUP_TIMEOUT)
+        except TimeoutError:
+            raise StartupTimeout(
+                f"no startup message from the client within {STARTUP_TIMEOUT:g}s"
+            ) from None
         hint = pgstartup.iam_user_hint(pgstartup.startup_user(startup))
         if hint:
             self._log.error("[%s] %s", inst.uri.short, hint)
-        conn = await dial
-        try:
-            await tlsconn.send_all(conn, startup, timeout=DIAL_TIMEOUT)
-        except BaseException:
-            conn.close()
-            raise
+        return startup
+
+    async def _dial(self, inst: InstanceConfig, startup: bytes | None) -> _splice.TLSConnection:
+        conn = await self._dialer.dial(inst)
+        if startup is not None:
+            try:
+                await tlsconn.send_all(conn, startup, timeout=DIAL_TIMEOUT)
+            except BaseException:
+                conn.close()
+                raise
         return conn
 
     async def _connect(self, inst: InstanceConfig, client: socket.socket) -> None:
@@ -235,12 +249,20 @@ class ProxyServer:
         metrics = self._metrics
         began = time.monotonic()
         try:
-            conn = await asyncio.wait_for(self._dial(inst, client), DIAL_TIMEOUT)
+            startup = await self._startup_message(inst, client)
+            began = time.monotonic()
+            conn = await asyncio.wait_for(self._dial(inst, startup), DIAL_TIMEOUT)
         except BaseException as exc:
             client.close()
             self._count(-1)
             if isinstance(exc, asyncio.CancelledError):
                 raise
+            if isinstance(exc, pgstartup.ClientLeft):
+                self._log.info("[%s] client closed the connection", short)
+                return
+            if isinstance(exc, StartupTimeout):
+                self._log.error("[%s] closing the client connection: %s", short, exc)
+                return
             if metrics is not None:
                 metrics.dial_failures[inst.uri.name] += 1
             if isinstance(exc, TimeoutError):

@@ -9,8 +9,9 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 
-from .conftest import TOKEN_IAM, URI
+from .conftest import IAM_DB_USER, TOKEN_IAM, URI, psql
 from .proxyproc import proxy_command
 
 
@@ -81,3 +82,40 @@ def test_shutdown_and_wait_never_go_through_an_http_proxy_for_loopback():
         assert _AnswerEverything.asked == []
     finally:
         server.shutdown()
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _settle(pid: int, want: int, timeout: float = 10) -> int:
+    deadline = time.monotonic() + timeout
+    while (got := _fds(pid)) != want and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return got
+
+
+def test_auto_iam_dials_only_for_clients_that_speak(start_proxy, port):
+    """Probes and sslmode=require checks cost no instance connection (issue 10
+    finding 10, issue 12 finding 3)."""
+    proxy = start_proxy(URI, "--port", str(port), "--auto-iam-authn", token=TOKEN_IAM)
+    pid = proxy.proc.pid
+    psql("SELECT 1", host="127.0.0.1", port=port, user=IAM_DB_USER, password=None)
+    time.sleep(0.5)
+    base = _fds(pid)
+    for _ in range(40):  # what sslmode=require clients and TCP probes do
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(struct.pack("!II", 8, 80877103))
+            assert sock.recv(1) == b"N"
+            time.sleep(0.15)
+    assert _settle(pid, base) == base
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(5)]
+    try:
+        time.sleep(1.0)
+        assert _fds(pid) == base + 5  # their own sockets, and no dial behind them
+    finally:
+        for sock in silent:
+            sock.close()
+    assert _settle(pid, base) == base
+    assert proxy.output.count("client closed the connection") >= 45
+    assert "failed to connect to instance" not in proxy.output
