@@ -131,11 +131,16 @@ class _CobraStyleCommand(click.Command):
     "--public-ip", is_flag=True, help="(*) Connect to the public ip address for all instances."
 )
 @click.option("--psc", is_flag=True, help="(*) Connect to the PSC endpoint for all instances.")
-@click.option("-t", "--token", default="", help="Bearer token used for authorization.")
+@click.option(
+    "-t",
+    "--token",
+    default="",
+    help="Bearer token used for authorization. Flag values are visible to local users in the process list; ALLOYDB_PROXY_TOKEN is not.",
+)
 @click.option(
     "--login-token",
     default="",
-    help="Bearer token used as a separate credential for IAM database authentication login. Only used when --auto-iam-authn is enabled.",
+    help="Bearer token used as a separate credential for IAM database authentication login. Only used when --auto-iam-authn is enabled. Prefer ALLOYDB_PROXY_LOGIN_TOKEN: flag values are visible in the process list.",
 )
 @click.option(
     "-c",
@@ -147,7 +152,7 @@ class _CobraStyleCommand(click.Command):
     "-j",
     "--json-credentials",
     default="",
-    help="Use service account key JSON as a source of IAM credentials.",
+    help="Use service account key JSON as a source of IAM credentials. Flag values are visible in the process list: prefer --credentials-file.",
 )
 @click.option(
     "-g",
@@ -449,6 +454,22 @@ def build_config(
     )
 
 
+def _cleartext_remote(endpoint: str) -> bool:
+    import ipaddress
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(endpoint)
+    if parts.scheme.lower() != "http":
+        return False
+    host = (parts.hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
 def run(cfg: Config, warnings: list[str] | tuple[str, ...] = ()) -> int:
     """Run the proxy until it stops; returns the process exit code."""
     log = configure(structured=cfg.structured_logs, quiet=cfg.quiet, debug=cfg.debug_logs)
@@ -456,6 +477,12 @@ def run(cfg: Config, warnings: list[str] | tuple[str, ...] = ()) -> int:
         log.error(warning)
     if "alloydbadmin_api_endpoint" in cfg.set_options:
         log.info("Using API Endpoint %s", cfg.api_endpoint)
+        if _cleartext_remote(cfg.api_endpoint):
+            log.error(
+                "Warning: the Admin API endpoint %s is plain http:// and not loopback: "
+                "OAuth2 tokens and client certificates will cross the network unencrypted",
+                cfg.api_endpoint,
+            )
     if "http_port" in cfg.set_options and not (cfg.health_check or cfg.prometheus):
         log.info("Ignoring --http-port because --prometheus or --health-check was not set")
     if cfg.telemetry_project:

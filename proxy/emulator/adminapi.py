@@ -296,12 +296,19 @@ class AdminAPIServer:
                 return 400, error_body(400, str(exc))
             return 200, target.as_dict()
         if path == "/emulator/v1/requests" and method == "GET":
-            return 200, {
-                "requests": [dataclasses.asdict(r) for r in list(emu.admin_requests)],
-                "mdx": [
-                    {"instance": uri, **dataclasses.asdict(r)} for uri, r in list(emu.mdx_requests)
-                ],
-            }
+            requests = [dataclasses.asdict(r) for r in list(emu.admin_requests)]
+            exchanges = [
+                {"instance": uri, **dataclasses.asdict(r)} for uri, r in list(emu.mdx_requests)
+            ]
+            if not emu.reveal_tokens:
+                for entry in requests:
+                    entry["token"] = _redacted(entry["token"])
+                    for name in list(entry.get("headers") or {}):
+                        if name.lower() == "authorization":
+                            entry["headers"][name] = _redacted(entry["headers"][name])
+                for entry in exchanges:
+                    entry["oauth2_token"] = _redacted(entry["oauth2_token"])
+            return 200, {"requests": requests, "mdx": exchanges}
         return 404, error_body(404, f"method {method} {path} not found")
 
     def _authorize(self, token: str) -> None:
@@ -360,3 +367,8 @@ class AdminAPIServer:
         )
         self.emu.issued[leaf.serial_number] = use_mdx
         return {"pemCertificateChain": ca.chain_pems(leaf), "caCert": ca.root_pem}
+
+
+def _redacted(secret: str) -> str:
+    """Enough to tell tokens apart in a log, not enough to use one."""
+    return f"REDACTED({len(secret)} chars)" if secret else ""

@@ -81,6 +81,18 @@ def _dns_label(text: str) -> str:
     return re.sub(r"[^a-z0-9-]", "-", text.lower()).strip("-") or "x"
 
 
+LOG_LIMIT = 10_000
+
+
+class BoundedLog(list[T]):
+    """A list that keeps only its last LOG_LIMIT entries (a long CI run must not grow it forever)."""
+
+    def append(self, item: T) -> None:
+        super().append(item)
+        if len(self) > LOG_LIMIT + LOG_LIMIT // 10:  # trim in batches
+            del self[: len(self) - LOG_LIMIT]
+
+
 class Emulator:
     """Admin API plus one mTLS server per instance, in front of one PostgreSQL.
 
@@ -88,7 +100,10 @@ class Emulator:
     (then the principal is unknown and AUTO_IAM is refused at the exchange).
     It may be replaced at run time. Logs for tests: ``admin_requests``
     (AdminRequest), ``mdx_requests`` ((instance URI, MdxRequest)) and
-    ``connections`` ((instance URI, local IP reached) per TLS session).
+    ``connections`` ((instance URI, local IP reached) per TLS session), each
+    keeping the last LOG_LIMIT entries. Over HTTP (``/emulator/v1/requests``)
+    bearer and OAuth2 tokens are redacted unless ``reveal_tokens``: anyone
+    who can reach the port could read them otherwise.
     """
 
     def __init__(
@@ -99,7 +114,9 @@ class Emulator:
         tokens: dict[str, Principal] | None = None,
         admin_host: str = "127.0.0.1",
         admin_port: int = 0,
+        reveal_tokens: bool = False,
     ) -> None:
+        self.reveal_tokens = reveal_tokens
         self.postgres_host = postgres_host
         self.postgres_port = postgres_port
         self.tokens = tokens
@@ -109,9 +126,10 @@ class Emulator:
         self.clusters: dict[str, ClusterCA] = {}
         self.instances: dict[str, Instance] = {}
         self.issued: dict[int, bool] = {}  # client cert serial -> useMetadataExchange
-        self.admin_requests: list[AdminRequest] = []
-        self.mdx_requests: list[tuple[str, mdx.MdxRequest]] = []
-        self.connections: list[tuple[str, str]] = []  # (instance URI, local IP it reached)
+        self.admin_requests: BoundedLog[AdminRequest] = BoundedLog()
+        self.mdx_requests: BoundedLog[tuple[str, mdx.MdxRequest]] = BoundedLog()
+        # (instance URI, local IP it reached)
+        self.connections: BoundedLog[tuple[str, str]] = BoundedLog()
         self._servers: dict[str, InstanceServer] = {}
         self._admin = AdminAPIServer(self)
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -282,3 +282,21 @@ def test_percent_encoded_path(emulator):
         body={"publicKey": public_pem()},
     )
     assert resp.status_code == 200
+
+
+def test_request_log_over_http_redacts_tokens_and_is_bounded(emulator):
+    from proxy.emulator import emulator as emulator_module
+
+    call(emulator, "GET", f"/v1beta/{URI}/connectionInfo")
+    log = requests.get(emulator.admin_url + "/emulator/v1/requests", timeout=10).json()
+    assert log["requests"], log
+    text = json.dumps(log)
+    assert TOKEN_APP not in text
+    assert f"REDACTED({len(TOKEN_APP)} chars)" in text
+    assert emulator.admin_requests[-1].token == TOKEN_APP  # in-process tests still see it
+
+    bounded = emulator_module.BoundedLog()
+    for i in range(emulator_module.LOG_LIMIT * 2):
+        bounded.append(i)
+    assert len(bounded) <= emulator_module.LOG_LIMIT * 11 // 10
+    assert bounded[-1] == emulator_module.LOG_LIMIT * 2 - 1

@@ -12,7 +12,7 @@ import threading
 import time
 
 from .conftest import IAM_DB_USER, TOKEN_IAM, URI, psql
-from .proxyproc import proxy_command
+from .proxyproc import ProxyProcess, proxy_command
 
 
 def test_a_client_cannot_forge_a_log_line_with_its_user_name(start_proxy, port):
@@ -119,3 +119,20 @@ def test_auto_iam_dials_only_for_clients_that_speak(start_proxy, port):
     assert _settle(pid, base) == base
     assert proxy.output.count("client closed the connection") >= 45
     assert "failed to connect to instance" not in proxy.output
+
+
+def test_a_cleartext_remote_admin_api_endpoint_is_warned_about():
+    warned = ProxyProcess([URI, "--alloydbadmin-api-endpoint", "http://10.255.255.1:1", "-t", "x"])
+    try:
+        warned.wait_for(
+            r"Warning: the Admin API endpoint http://10\.255\.255\.1:1 is plain http://"
+        )
+    finally:
+        warned.stop()
+    quiet = ProxyProcess([URI, "--alloydbadmin-api-endpoint", "http://127.0.0.1:1", "-t", "x"])
+    try:
+        quiet.wait_for("Using API Endpoint")
+        time.sleep(0.3)
+        assert "plain http://" not in quiet.output
+    finally:
+        quiet.stop()
