@@ -230,10 +230,12 @@ cdef void _finish(conn_t *c, int kind) noexcept nogil:
     if c.registered:
         epoll_ctl(_plane.epfd, EPOLL_CTL_DEL, c.cfd, NULL)
         c.registered = False
-    if not c.draining and (kind == C_INSTANCE_CLOSED or kind == C_CLIENT_CLOSED or c.server_eof):
+    if c.draining or kind == C_INSTANCE_CLOSED or kind == C_CLIENT_CLOSED or c.server_eof:
         # Half-close first and drop unread client input, so closing does not
-        # turn into a RST that could discard bytes the client has not read.
-        shutdown(c.cfd, SHUT_WR)
+        # turn into a RST that could discard bytes the client has not read
+        # (or, on a unix socket, an ECONNRESET where it expects EOF).
+        if not c.draining:
+            shutdown(c.cfd, SHUT_WR)
         for i in range(16):  # bounded: a client that keeps sending gets the RST
             if read(c.cfd, drain, sizeof(drain)) <= 0:
                 break
@@ -434,28 +436,29 @@ cdef int _attach_bio(SSL *ssl, conn_t *c) except -1:
 cdef int _instance_write_failed(conn_t *c, int err, int saved_errno) noexcept nogil:
     """A write towards the instance failed: 0 to carry on, -1 when finished.
 
-    Once the instance has finished sending, the failure only means it takes
-    no more bytes: the client's further bytes are dropped and the instance's
-    tail still goes to the client. Before that it is the connection's end.
+    The instance takes no more bytes: the client's further bytes are
+    dropped. But what it sent before it went away (its last bytes, maybe its
+    close_notify) may still wait unread behind the client's backpressure, so
+    the read side carries on until the instance's stream ends: cleanly
+    (INSTANCE_CLOSED, as it meant to close) or with the read error, reported
+    as this write error, which came first.
     """
     if c.cpend == _plane.out:
         c.cpend = NULL  # borrowed (see _send_pending), not ours to free
-    if c.server_eof:
-        c.s_dead = True
-        free(c.cpend)
-        c.cpend = NULL
-        c.cpend_len = c.cpend_off = 0
-        c.shut_wr_pending = False
-        _plane.out_len = 0
-        ERR_clear_error()
-        return 0
-    if err == SSL_ERROR_SYSCALL:
-        _set_message_errno(c, saved_errno)
-        ERR_clear_error()
-    else:
-        _set_message_ssl(c, err, saved_errno)
-    _finish(c, C_ERROR_WRITE_INSTANCE)
-    return -1
+    if not c.server_eof and not c.write_failed:
+        c.write_failed = True
+        if err == SSL_ERROR_SYSCALL:
+            _set_message_errno(c, saved_errno)
+        else:
+            _set_message_ssl(c, err, saved_errno)
+    c.s_dead = True
+    free(c.cpend)
+    c.cpend = NULL
+    c.cpend_len = c.cpend_off = 0
+    c.shut_wr_pending = False
+    _plane.out_len = 0
+    ERR_clear_error()
+    return 0
 
 
 cdef int _send_pending(conn_t *c) noexcept nogil:
@@ -675,7 +678,8 @@ cdef int _pump_s2c(conn_t *c) noexcept nogil:
             # With SSL_OP_IGNORE_UNEXPECTED_EOF a bare FIN reads like
             # close_notify; only the latter sets the received-shutdown bit.
             if not (SSL_get_shutdown(c.ssl) & SSL_RECEIVED_SHUTDOWN):
-                strncpy(c.message, "unexpected EOF", MESSAGE)
+                if not c.write_failed:
+                    strncpy(c.message, "unexpected EOF", MESSAGE)
                 c.eof_error = True
             ERR_clear_error()
             progress = True
@@ -683,7 +687,8 @@ cdef int _pump_s2c(conn_t *c) noexcept nogil:
             # The stream is broken here, but what was decrypted before the
             # failure is genuine and still goes out first (as Go's io.Copy
             # writes what Read returned before the error).
-            _set_message_ssl(c, err, saved)
+            if not c.write_failed:  # else that error came first
+                _set_message_ssl(c, err, saved)
             c.server_eof = c.eof_error = True
             progress = True
         break
@@ -712,18 +717,21 @@ cdef bint _pump_once(conn_t *c) noexcept nogil:
     # the instance has finished and the client has all its bytes
     if c.server_eof and c.s2c == NULL:
         if c.eof_error:
-            kind = C_ERROR_READ_INSTANCE
+            kind = C_ERROR_WRITE_INSTANCE if c.write_failed else C_ERROR_READ_INSTANCE
         else:
             kind = C_CLIENT_CLOSED if c.client_first else C_INSTANCE_CLOSED
-        # Over TCP, a RST would discard our unacknowledged bytes: drain while
-        # any are left. A unix socket loses nothing (our bytes are in the
-        # client's queue already), but a close on unread bytes makes the
-        # client read ECONNRESET after them instead of EOF: drain only if
-        # it is sending now, so an idle client is closed at once.
+            c.message[0] = 0  # a clean end: a write error before it only ended our side
+        # Over TCP, a RST would discard our unacknowledged bytes (the FIN
+        # included): drain until the client has acknowledged them all. A
+        # unix socket loses nothing (our bytes are in the client's queue
+        # already), but a close on unread bytes makes the client read
+        # ECONNRESET after them instead of EOF: drain only if it is sending
+        # now, so an idle client is closed at once. A linger of 0 waits for
+        # nothing.
         if (
             not c.client_eof
-            and _client_unacked(c)
-            and (c.client_tcp or _client_is_sending(c))
+            and c.linger_ns > 0
+            and (c.client_tcp or (_client_unacked(c) and _client_is_sending(c)))
         ):
             _start_draining(c, kind)
             return True

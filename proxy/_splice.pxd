@@ -60,7 +60,8 @@ ctypedef struct conn_t:
     int s2c_len, s2c_off
     bint client_eof, server_eof, close_notify_sent, client_first, finished
     bint eof_error               # the instance's stream ended with an error (message set)
-    bint s_dead                  # the instance finished and takes no more bytes
+    bint s_dead                  # the instance takes no more bytes (client bytes are dropped)
+    bint write_failed            # ... because a write to it failed (message set)
     bint draining                # instance side closed; dropping client bytes until it closes
     int final_kind               # the outcome, decided when draining began
     long long drain_deadline     # when draining gives up (the linger)

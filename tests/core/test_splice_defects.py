@@ -1,9 +1,11 @@
 """Regression tests for the data-plane defects of issue 9, one or more per defect.
 
-Each one failed on 08ffac6. Small socket buffers and slow readers drive the
-partial-send paths that loopback's default buffers never take; every check
-compares bytes exactly. The use-after-free cases crash reliably only under
-MALLOC_PERTURB_ or AddressSanitizer: test_sanitizers.py runs this file so.
+Each one failed on 08ffac6, except the guards of paths the fixes rewrote
+(bytes before a bad record, the exact half-close count). The use-after-free
+cases bite only under MALLOC_PERTURB_ (the linger case) or AddressSanitizer
+(the fd copies); test_sanitizers.py runs this file both ways. Small socket
+buffers and slow readers drive the partial-send paths that loopback's
+default buffers never take; every check compares bytes exactly.
 """
 
 from __future__ import annotations
@@ -222,6 +224,42 @@ def test_write_error_after_the_instance_ended_keeps_the_tail(run, tls_server, cl
         got = await read_slowly(
             s.sock, chunk=1000, pause=0.001, at=len(payload) - 60_000, then=start_talking
         )
+        assert got == payload
+        assert await s.outcome() == (_splice.INSTANCE_CLOSED, "")
+        s.sock.close()
+
+    run(main)
+
+
+def test_client_bytes_before_the_close_notify_is_read_keep_the_tail(
+    run, tls_server, client_context
+):
+    """The instance has sent everything and closed, but behind the client's
+    backpressure the proxy has not read its close_notify yet when the client
+    writes: the failed write must not throw the unread tail away."""
+    payload = pattern(1024 * 1024, seed=10)
+
+    def send_and_close(tls):
+        tls.sendall(payload)
+        close_notify(tls)
+
+    server = tls_server(send_and_close)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        s = await spliced(
+            client_context,
+            server.port,
+            proxy_sndbuf=4096,
+            client_rcvbuf=4096,
+            instance_rcvbuf=4 * 1024 * 1024,  # all of it reaches the proxy's kernel
+        )
+        await asyncio.sleep(0.5)  # the instance is gone; its bytes wait in the proxy
+        for _ in range(3):
+            await loop.sock_sendall(s.sock, b"q" * 100)
+            await asyncio.sleep(0.05)
+        got = await read_slowly(s.sock, chunk=65536, pause=0)
+        assert len(got) == len(payload)
         assert got == payload
         assert await s.outcome() == (_splice.INSTANCE_CLOSED, "")
         s.sock.close()
