@@ -23,39 +23,59 @@ class UnsafeDirectory(OSError):
 def prepare_directory(directory: str) -> None:
     """Create ``directory`` (0777 less the umask) or check that an existing one is safe.
 
-    Safe: a real directory (not a symlink), owned by us or by root, and not
-    writable by group or others unless it is sticky (like /tmp), where
-    others cannot remove or rename what is ours.
+    Safe: a real directory (not a symlink), owned by us or by root, and
+    neither it nor any directory above it writable by other users (a
+    writable parent lets them rename ours away and put theirs in its place).
+    Writable by our own group, or sticky like /tmp, is fine.
 
     Raises:
         FileNotFoundError: the parent does not exist (``filename`` names it).
-        UnsafeDirectory: the directory exists and is not safe.
+        UnsafeDirectory: the directory or one above it is not safe.
     """
     parent = os.path.dirname(directory) or "."
     os.stat(parent)
     try:
         os.mkdir(directory, 0o777)
-        return
     except FileExistsError:
-        pass
-    info = os.lstat(directory)
-    if stat.S_ISLNK(info.st_mode):
-        raise UnsafeDirectory(
-            f"{directory} is a symbolic link; remove it or point the proxy at the real directory"
-        )
-    if not stat.S_ISDIR(info.st_mode):
-        raise UnsafeDirectory(f"{directory} exists and is not a directory")
-    if info.st_uid not in (os.geteuid(), 0):
-        raise UnsafeDirectory(
-            f"{directory} belongs to another user (uid {info.st_uid}); remove it, or use a "
-            f"directory of your own"
-        )
+        info = os.lstat(directory)
+        if stat.S_ISLNK(info.st_mode):
+            raise UnsafeDirectory(
+                f"{directory} is a symbolic link; remove it or point the proxy at the real "
+                f"directory"
+            ) from None
+        if not stat.S_ISDIR(info.st_mode):
+            raise UnsafeDirectory(f"{directory} exists and is not a directory") from None
+        if info.st_uid not in (os.geteuid(), 0):
+            raise UnsafeDirectory(
+                f"{directory} belongs to another user (uid {info.st_uid}); remove it, or use "
+                f"a directory of your own"
+            ) from None
+    for path in [directory, *_ancestors(os.path.realpath(parent))]:
+        problem = _others_can_write(os.stat(path))
+        if problem:
+            raise UnsafeDirectory(
+                f"{path} is {problem}, who could replace the socket; "
+                f"run chmod o-w,g-w {path}, or use another directory"
+            )
+
+
+def _ancestors(path: str) -> list[str]:
+    out = [path]
+    while (up := os.path.dirname(path)) != path:
+        out.append(up)
+        path = up
+    return out
+
+
+def _others_can_write(info: os.stat_result) -> str:
     mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o022 and not mode & stat.S_ISVTX:
-        raise UnsafeDirectory(
-            f"{directory} is writable by other users (mode {mode:04o}), who could replace the "
-            f"socket; run chmod go-w {directory}"
-        )
+    if mode & stat.S_ISVTX:
+        return ""  # sticky: others cannot remove or rename what is ours
+    if mode & 0o002:
+        return f"writable by other users (mode {mode:04o})"
+    if mode & 0o020 and info.st_gid != os.getegid() and info.st_gid not in os.getgroups():
+        return f"writable by group {info.st_gid} (mode {mode:04o})"
+    return ""
 
 
 def bind(path: str) -> socket.socket:

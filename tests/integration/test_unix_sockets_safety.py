@@ -54,7 +54,7 @@ def test_another_user_cannot_replace_the_socket(start_proxy, base):
     start_proxy(URI, "--unix-socket", str(base))
     directory = base / SHORT
     socket_path = directory / ".s.PGSQL.5432"
-    assert not directory.stat().st_mode & 0o022  # the umask applies, as in Go
+    assert not directory.stat().st_mode & 0o002  # the umask applies, as in Go
     assert (socket_path.stat().st_mode & 0o777) == 0o777  # the socket itself: anyone connects
 
     unlink = as_nobody(f"import os; os.unlink({str(socket_path)!r})")
@@ -71,7 +71,7 @@ def test_another_user_cannot_replace_the_socket(start_proxy, base):
     assert psql("SELECT 'ours'", host=str(directory)).stdout.strip() == "ours"
 
 
-@pytest.mark.parametrize("problem", ["world-writable", "symlink", "other-owner"])
+@pytest.mark.parametrize("problem", ["world-writable", "symlink", "other-owner", "parent"])
 def test_an_unsafe_socket_directory_is_refused(start_proxy, base, problem):
     directory = base / SHORT
     if problem == "world-writable":
@@ -83,6 +83,10 @@ def test_an_unsafe_socket_directory_is_refused(start_proxy, base, problem):
         target.mkdir()
         directory.symlink_to(target)
         expected = "is a symbolic link"
+    elif problem == "parent":
+        base.chmod(0o777)  # others could rename our directory away
+        directory = base
+        expected = "is writable by other users (mode 0777), who could replace the socket"
     else:
         if os.geteuid() != 0:
             pytest.skip("needs root to give the directory to another user")
@@ -118,3 +122,16 @@ def test_a_live_socket_is_not_taken_over(start_proxy, base):
     assert second.wait_exit() == 1
     assert "bind: address already in use" in second.output
     assert psql("SELECT 3", host=str(base / SHORT)).stdout.strip() == "3"
+
+
+def test_a_group_writable_umask_still_restarts(start_proxy, base):
+    """umask 002 makes our own directory 0775 (our group): not a reason to refuse it later."""
+    old = os.umask(0o002)
+    try:
+        first = start_proxy(URI, "--unix-socket", str(base))
+        assert (base / SHORT).stat().st_mode & 0o070 == 0o070
+        first.stop()
+        start_proxy(URI, "--unix-socket", str(base))
+    finally:
+        os.umask(old)
+    assert psql("SELECT 4", host=str(base / SHORT)).stdout.strip() == "4"
