@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 import requests
 
+from proxy import workers
 from proxy.config import InstanceURI
 from proxy.credentials import TokenSource
 from proxy.errors import AdminAPIError
@@ -110,11 +111,10 @@ class AdminAPIClient:
             headers["x-goog-user-project"] = self._quota_project
         url = f"{self.endpoint}/{API_VERSION}/{path}"
         data = json.dumps(payload) if payload is not None else None
-        loop = asyncio.get_running_loop()
         deadline = time.monotonic() + _RETRY_DEADLINE
         delay = _BACKOFF_INITIAL
         while True:
-            status, body = await loop.run_in_executor(None, self._send, method, url, headers, data)
+            status, body = await workers.ADMIN_API.run(self._send, method, url, headers, data)
             if status == 503 and time.monotonic() + delay < deadline:
                 await asyncio.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * _BACKOFF_MULTIPLIER, _BACKOFF_MAX)

@@ -19,7 +19,6 @@ run in a worker thread; no token ever reaches a log or an error message.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import logging
@@ -29,6 +28,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from proxy import workers
 from proxy.errors import CredentialsError, StartupError
 from proxy.log import get_logger
 
@@ -108,7 +108,12 @@ class _RefreshingTokenSource:
         return self._fresh()
 
     async def token(self) -> Token:
-        return await asyncio.get_running_loop().run_in_executor(None, self._fresh)
+        cached = self._cached
+        if cached is not None and (
+            cached.expiry is None or cached.expiry - REFRESH_MARGIN > _utcnow()
+        ):
+            return cached  # the common case: no thread hop
+        return await workers.TOKENS.run(self._fresh)
 
 
 class GoogleAuthTokenSource(_RefreshingTokenSource):

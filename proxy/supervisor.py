@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import enum
 import signal
 import time
 from dataclasses import dataclass
 
-from proxy import __version__, sdnotify, staticinfo
+from proxy import __version__, sdnotify, staticinfo, workers
 from proxy.adminapi import AdminAPIClient
 from proxy.config import Config
 from proxy.credentials import resolve
@@ -187,7 +188,10 @@ class Supervisor:
         self._notify("STOPPING=1", "termination")
         server.close_listeners()
         dialer.close()
-        await asyncio.get_running_loop().run_in_executor(None, client.close)
+        # On a thread of its own, and never waited for long: a request stuck
+        # in the Admin API must not hold the shutdown.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(workers.SHUTDOWN.run(client.close), 2.0)
         if cfg.max_sigterm_delay > 0:
             deadline = time.monotonic() + cfg.max_sigterm_delay
             while server.connection_count and time.monotonic() < deadline:
@@ -211,10 +215,8 @@ class Supervisor:
 
     async def _start(self) -> tuple[ProxyServer, Dialer, AdminAPIClient]:
         cfg, log = self._cfg, self._log
-        loop = asyncio.get_running_loop()
         try:
-            credentials = await loop.run_in_executor(
-                None,
+            credentials = await workers.TOKENS.run(
                 lambda: resolve(
                     token=cfg.token,
                     credentials_file=cfg.credentials_file,
