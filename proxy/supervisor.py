@@ -190,7 +190,7 @@ class Supervisor:
         dialer.close()
         # On a thread of its own, and never waited for long: a request stuck
         # in the Admin API must not hold the shutdown.
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError on 3.10
             await asyncio.wait_for(workers.SHUTDOWN.run(client.close), 2.0)
         if cfg.max_sigterm_delay > 0:
             deadline = time.monotonic() + cfg.max_sigterm_delay

@@ -11,7 +11,7 @@ are daemons: an outstanding call never holds the process at exit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import concurrent.futures
 import queue
 import threading
 from collections.abc import Callable
@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-_Job = tuple[Callable[..., Any], tuple[Any, ...], asyncio.AbstractEventLoop, asyncio.Future[Any]]
+_Job = tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any]]
 
 
 class DaemonPool:
@@ -34,40 +34,41 @@ class DaemonPool:
         self._lock = threading.Lock()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` on one of the pool's threads; cancelling the await abandons it."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[T] = loop.create_future()
+        """``fn(*args)`` on one of the pool's threads.
+
+        Cancelling the await (a timeout) drops a job that has not started;
+        one that has started runs to its end, its result unused.
+        """
+        job: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._lock:
             self._pending += 1
-            if self._pending > len(self._threads) and len(self._threads) < self.size:
-                thread = threading.Thread(
-                    target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True
-                )
-                self._threads.append(thread)
-                thread.start()
-        self._jobs.put((fn, args, loop, done))
-        return await done
+            try:
+                if self._pending > len(self._threads) and len(self._threads) < self.size:
+                    thread = threading.Thread(
+                        target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True
+                    )
+                    thread.start()  # counted only once it runs
+                    self._threads.append(thread)
+            except BaseException:
+                if not self._threads:
+                    self._pending -= 1
+                    raise
+                # Some thread exists: the job waits for it.
+        self._jobs.put((fn, args, job))
+        return await asyncio.wrap_future(job)
 
     def _work(self) -> None:
         while True:
-            fn, args, loop, done = self._jobs.get()
+            fn, args, job = self._jobs.get()
             try:
-                result, error = fn(*args), None
-            except BaseException as exc:  # handed to the awaiting coroutine
-                result, error = None, exc
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
-                loop.call_soon_threadsafe(_settle, done, result, error)
-            with self._lock:
-                self._pending -= 1
-
-
-def _settle(done: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if done.done():
-        return  # the caller gave up (timeout, cancellation)
-    if error is not None:
-        done.set_exception(error)
-    else:
-        done.set_result(result)
+                if job.set_running_or_notify_cancel():  # False: its caller gave up
+                    try:
+                        job.set_result(fn(*args))
+                    except BaseException as exc:  # handed to the awaiting coroutine
+                        job.set_exception(exc)
+            finally:
+                with self._lock:
+                    self._pending -= 1
 
 
 #: Admin API requests (connectionInfo, generateClientCertificate): at most two in
