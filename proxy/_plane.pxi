@@ -261,7 +261,7 @@ cdef bint _client_is_sending(conn_t *c) noexcept nogil:
 
 
 cdef void _start_draining(conn_t *c, int kind) noexcept nogil:
-    """The instance has finished; the client has every byte but has not acknowledged them all.
+    """The instance has finished and the client has every byte, maybe not yet acknowledged.
 
     A close now, while the client still sends (or sends again), draws a RST,
     and a RST discards whatever of ours is not acknowledged yet: the

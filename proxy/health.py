@@ -208,7 +208,13 @@ class HTTPServer:
                 + data
             )
             await asyncio.wait_for(writer.drain(), _HEAD_TIMEOUT)
-        except (ConnectionError, TimeoutError, UnicodeDecodeError, ValueError):
+        except (
+            ConnectionError,
+            TimeoutError,
+            asyncio.TimeoutError,
+            UnicodeDecodeError,
+            ValueError,
+        ):
             pass  # the client's problem: nothing to log, nothing to answer
         finally:
             self._reading.pop(writer, None)

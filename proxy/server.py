@@ -225,7 +225,7 @@ class ProxyServer:
             return None
         try:
             startup = await asyncio.wait_for(pgstartup.read_startup(client), STARTUP_TIMEOUT)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # two classes before 3.11
             raise StartupTimeout(
                 f"no startup message from the client within {STARTUP_TIMEOUT:g}s"
             ) from None
@@ -247,7 +247,6 @@ class ProxyServer:
     async def _connect(self, inst: InstanceConfig, client: socket.socket) -> None:
         short = inst.uri.short
         metrics = self._metrics
-        began = time.monotonic()
         try:
             startup = await self._startup_message(inst, client)
             began = time.monotonic()
