@@ -208,6 +208,12 @@ class HTTPServer:
                 + data
             )
             await asyncio.wait_for(writer.drain(), _HEAD_TIMEOUT)
+            if status in (400, 431):
+                # The client may still be sending what we refused: closing on
+                # unread bytes would reset the connection before it reads
+                # the answer. Half-close, then read and drop a bounded amount.
+                writer.write_eof()
+                await asyncio.wait_for(_discard(reader, 1 << 20), 1.0)
         except (
             ConnectionError,
             TimeoutError,
@@ -220,6 +226,11 @@ class HTTPServer:
             self._reading.pop(writer, None)
             self._open -= 1
             writer.close()
+
+
+async def _discard(reader: asyncio.StreamReader, limit: int) -> None:
+    while limit > 0 and (data := await reader.read(65536)):
+        limit -= len(data)
 
 
 def health_routes(
