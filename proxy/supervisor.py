@@ -127,6 +127,9 @@ class Supervisor:
         finally:
             for http in http_servers:
                 await http.close()
+            # On every way out (a failed HTTP server or connection test too):
+            # a socket file left behind would make the next start fail.
+            server.close_listeners()
 
     async def _start_http(self, server: ProxyServer, started: list[HTTPServer]) -> None:
         cfg, log = self._cfg, self._log

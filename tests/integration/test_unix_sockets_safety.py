@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -135,3 +136,25 @@ def test_a_group_writable_umask_still_restarts(start_proxy, base):
     finally:
         os.umask(old)
     assert psql("SELECT 4", host=str(base / SHORT)).stdout.strip() == "4"
+
+
+@pytest.mark.parametrize("failure", ["connection-test", "http-server"])
+def test_error_exits_remove_the_socket_file(start_proxy, emulator, base, failure):
+    """Issue 12, finding 2: the next start must not meet 'address already in use'."""
+    socket_path = base / SHORT / ".s.PGSQL.5432"
+    if failure == "connection-test":
+        emulator.faults.set(admin_status=403)
+        extra = ["--run-connection-test"]
+    else:
+        taken = socket.create_server(("127.0.0.1", 0))  # the health port is in use
+        extra = ["--health-check", "--http-port", str(taken.getsockname()[1])]
+    try:
+        failed = start_proxy(URI, "--unix-socket", str(base), *extra, ready=False)
+        assert failed.wait_exit() == 1
+    finally:
+        emulator.faults.clear()
+        if failure == "http-server":
+            taken.close()
+    assert not socket_path.exists()
+    start_proxy(URI, "--unix-socket", str(base))
+    assert psql("SELECT 6", host=str(base / SHORT)).stdout.strip() == "6"
