@@ -27,15 +27,16 @@
 #  * instance EOF (close_notify, or a bare TCP FIN: a truncation, reported as
 #    "unexpected EOF" like Go's crypto/tls): its last bytes are flushed to the
 #    client, whatever the client does meanwhile, then both sides close. A
-#    write error towards an instance that has finished only stops the client's
-#    bytes (there is nobody left to take them); the tail still goes out.
+#    write error towards the instance only stops the client's bytes (nobody
+#    takes them); the read side still runs to the instance's end, so what it
+#    sent before it went away still goes out.
 # Any other error closes both sides at once; the first error wins.
 #
-# A TCP client that has not acknowledged the instance's last bytes when the
-# instance has finished is drained (read, dropped) until it closes, or holds
-# all our bytes, or the linger ends:
-# closing on its unread bytes would send a RST, which discards our unacked
-# bytes, the instance's last ones (see _start_draining).
+# When the instance has finished, a TCP client (or a unix one that is still
+# sending) is drained (read, dropped) until it closes, or holds all our
+# bytes, or the linger ends: closing on its unread bytes would send a RST,
+# which discards our unacked bytes, the instance's last ones (see
+# _start_draining and _pump_once).
 #
 # Lifetime: a conn_t is freed by Python (Splice._release) after delivery. So
 # nothing on the thread may refer to a finished connection once the batch
@@ -433,8 +434,8 @@ cdef int _attach_bio(SSL *ssl, conn_t *c) except -1:
 
 # -- Towards the instance -----------------------------------------------------
 
-cdef int _instance_write_failed(conn_t *c, int err, int saved_errno) noexcept nogil:
-    """A write towards the instance failed: 0 to carry on, -1 when finished.
+cdef void _instance_write_failed(conn_t *c, int err, int saved_errno) noexcept nogil:
+    """A write towards the instance failed (the connection goes on).
 
     The instance takes no more bytes: the client's further bytes are
     dropped. But what it sent before it went away (its last bytes, maybe its
@@ -458,7 +459,6 @@ cdef int _instance_write_failed(conn_t *c, int err, int saved_errno) noexcept no
     c.shut_wr_pending = False
     _plane.out_len = 0
     ERR_clear_error()
-    return 0
 
 
 cdef int _send_pending(conn_t *c) noexcept nogil:
@@ -489,7 +489,8 @@ cdef int _send_pending(conn_t *c) noexcept nogil:
                 memcpy(rest, c.cpend + c.cpend_off, left)
                 c.cpend, c.cpend_len, c.cpend_off = rest, left, 0
             return 0
-        return -1 if _instance_write_failed(c, SSL_ERROR_SYSCALL, errno) < 0 else 1
+        _instance_write_failed(c, SSL_ERROR_SYSCALL, errno)
+        return 1
     if not borrowed:
         free(c.cpend)
     c.cpend = NULL
@@ -588,7 +589,7 @@ cdef int _pump_c2s(conn_t *c) noexcept nogil:
     """Client -> instance: 1 on progress, 0 if none, -1 when finished."""
     global _bytes_c2s
     cdef ssize_t n
-    cdef int ret, err, saved, off
+    cdef int ret, saved, off
     cdef char *buf
     cdef bint progress = False
     if c.cpend != NULL:
@@ -612,9 +613,7 @@ cdef int _pump_c2s(conn_t *c) noexcept nogil:
                 ret = SSL_write(c.ssl, buf + off, <int>(n - off))
                 if ret <= 0:
                     saved = errno
-                    err = SSL_get_error(c.ssl, ret)
-                    if _instance_write_failed(c, err, saved) < 0:
-                        return -1
+                    _instance_write_failed(c, SSL_get_error(c.ssl, ret), saved)
                     return 1
                 off += ret
             c.bytes_c2s += n
@@ -919,16 +918,12 @@ cdef void *_plane_main(void *arg) noexcept nogil:
             while c != NULL:
                 next_c = c.linger_next
                 if c.linger_deadline <= now and not c.finished:
-                    if not c.draining:
-                        _finish(c, C_CLIENT_CLOSED)  # takes it off the list
-                    elif now >= c.drain_deadline or not _client_unacked(c):
-                        _finish(c, c.final_kind)
-                    else:
-                        c.linger_deadline = now + DRAIN_POLL_MS * 1000000LL
-                        c = next_c
-                        continue
-                    c.done_next = done
-                    done = c
+                    if c.draining and now < c.drain_deadline and _client_unacked(c):
+                        c.linger_deadline = now + DRAIN_POLL_MS * 1000000LL  # poll again
+                    else:  # _finish takes it off the list
+                        _finish(c, c.final_kind if c.draining else C_CLIENT_CLOSED)
+                        c.done_next = done
+                        done = c
                 c = next_c
             # A connection finished here may still wait on 'again': take it
             # off before Python can free it.
