@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from proxy import GO_PROXY_VERSION, __version__
-from proxy.config import DEFAULT_API_ENDPOINT, Config, parse_instance_arg
+from proxy.config import DEFAULT_API_ENDPOINT, Config, is_loopback_host, parse_instance_arg
 from proxy.errors import BadCommandError
 from proxy.log import configure
 from proxy.settings import load_config_file, overlay, parse_go_bool, parse_go_duration
@@ -455,19 +455,10 @@ def build_config(
 
 
 def _cleartext_remote(endpoint: str) -> bool:
-    import ipaddress
     import urllib.parse
 
     parts = urllib.parse.urlsplit(endpoint)
-    if parts.scheme.lower() != "http":
-        return False
-    host = (parts.hostname or "").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return False
-    try:
-        return not ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return True
+    return parts.scheme.lower() == "http" and not is_loopback_host(parts.hostname or "")
 
 
 def run(cfg: Config, warnings: list[str] | tuple[str, ...] = ()) -> int:

@@ -26,6 +26,17 @@ IP_PUBLIC = "PUBLIC"
 IP_PSC = "PSC"
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether a host name or address (IPv6 in brackets or not) always means this machine."""
+    name = host.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class InstanceURI:
     """A parsed ``projects/P/locations/R/clusters/C/instances/I`` name."""

@@ -26,9 +26,8 @@ import time
 import traceback
 import tracemalloc
 import urllib.parse
-from collections.abc import Callable
 
-from proxy import _splice
+from proxy import _splice, workers
 from proxy.health import Handler
 
 PREFIX = "/debug/pprof/"
@@ -140,7 +139,9 @@ def debug_routes() -> dict[str, Handler]:
             return 429, "a profile is already being taken; try again when it ends\n"
         busy.append(True)
         try:
-            return 200, await _on_own_thread(_sample, loop_thread, seconds)
+            # Its own thread: a long profile must not hold one that Admin
+            # API calls or token fetches need.
+            return 200, await workers.PROFILE.run(_sample, loop_thread, seconds)
         finally:
             busy.clear()
 
@@ -160,32 +161,6 @@ def debug_routes() -> dict[str, Handler]:
         PREFIX + "symbol": unavailable,
         PREFIX + "trace": unavailable,
     }
-
-
-async def _on_own_thread(fn: Callable[..., str], *args: object) -> str:
-    """Run ``fn`` on a thread of its own: a long profile must not hold a pool
-    thread that Admin API calls and token fetches need."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[str] = loop.create_future()
-
-    def settle(result: str | None, error: BaseException | None) -> None:
-        if done.done():
-            return
-        if error is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(result or "")
-
-    def work() -> None:
-        try:
-            result = fn(*args)
-        except BaseException as exc:  # handed to the awaiting coroutine
-            loop.call_soon_threadsafe(settle, None, exc)
-        else:
-            loop.call_soon_threadsafe(settle, result, None)
-
-    threading.Thread(target=work, name="pprof-profile", daemon=True).start()
-    return await done
 
 
 #: Flags whose values are secrets: never shown by /debug/pprof/cmdline.

@@ -8,7 +8,6 @@ variables or config files. Failures print ``Error: <msg>`` and exit 1.
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 import time
 import urllib.error
@@ -17,6 +16,7 @@ from typing import NoReturn
 
 import click
 
+from proxy.config import is_loopback_host
 from proxy.settings import parse_go_duration
 
 
@@ -55,19 +55,9 @@ def wait(max_wait: str, http_address: str, http_port: str, quiet: bool) -> None:
 
 def _opener(host: str) -> urllib.request.OpenerDirector:
     """urllib's opener, without $http_proxy for loopback hosts (Go never proxies those)."""
-    if _is_loopback(host):
+    if is_loopback_host(host):
         return urllib.request.build_opener(urllib.request.ProxyHandler({}))
     return urllib.request.build_opener()
-
-
-def _is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @click.command("shutdown", help="Signal a running Proxy process to shut down")

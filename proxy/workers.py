@@ -76,5 +76,7 @@ class DaemonPool:
 ADMIN_API = DaemonPool("admin-api", 64)
 #: Token fetches and refreshes (google-auth, gcloud, metadata server) and start-up lookups.
 TOKENS = DaemonPool("tokens", 4)
+#: /debug/pprof/profile samples (one at a time; see proxy/profiling.py).
+PROFILE = DaemonPool("pprof-profile", 1)
 #: Closing the Admin API client at shutdown, behind nothing else.
 SHUTDOWN = DaemonPool("shutdown", 1)
