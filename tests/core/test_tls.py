@@ -11,12 +11,17 @@ import pytest
 from proxy import _splice, tlsconn
 
 
-async def connect(ctx, port, name="127.0.0.1"):
+async def tcp_fd(port):
+    """A non-blocking TCP connection to 127.0.0.1:port, as a bare fd."""
     loop = asyncio.get_running_loop()
     sock = socket.socket()
     sock.setblocking(False)
     await loop.sock_connect(sock, ("127.0.0.1", port))
-    conn = _splice.TLSConnection(ctx, sock.detach(), name)
+    return sock.detach()
+
+
+async def connect(ctx, port, name="127.0.0.1"):
+    conn = _splice.TLSConnection(ctx, await tcp_fd(port), name)
     await tlsconn.handshake(conn, timeout=10)
     return conn
 
@@ -51,11 +56,7 @@ def test_ip_mismatch_refused(run, tls_server, client_context):
 
     async def main():
         # Connect to 127.0.0.1 but expect the certificate of 127.0.0.9.
-        loop = asyncio.get_running_loop()
-        sock = socket.socket()
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", server.port))
-        conn = _splice.TLSConnection(client_context, sock.detach(), "127.0.0.9")
+        conn = _splice.TLSConnection(client_context, await tcp_fd(server.port), "127.0.0.9")
         with pytest.raises(_splice.TLSError, match="IP address mismatch"):
             await tlsconn.handshake(conn, timeout=5)
         conn.close()
@@ -129,11 +130,7 @@ def test_a_name_that_cannot_be_verified_fails_the_dial(run, tls_server, client_c
     server = tls_server()
 
     async def main():
-        loop = asyncio.get_running_loop()
-        sock = socket.socket()
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", server.port))
-        fd = sock.detach()
+        fd = await tcp_fd(server.port)
         with pytest.raises(_splice.TLSError, match="invalid server name"):
             _splice.TLSConnection(client_context, fd, name)
         with pytest.raises(OSError):

@@ -31,19 +31,16 @@ def request(port: int, path: str, headers: dict[str, str] | None = None, method:
     return status, data.partition(b"\r\n\r\n")[2].decode()
 
 
-def test_cmdline_hides_secret_flag_values(start_proxy, port):
+def start_with_debug(start_proxy, port: int, *extra: str):
+    """The proxy with --debug on a fresh admin port, once that server listens."""
     admin = free_port_block(1)
-    proxy = start_proxy(
-        URI,
-        "--port",
-        str(port),
-        "--debug",
-        "--admin-port",
-        str(admin),
-        "--login-token",
-        "login-secret-value",
-    )
+    proxy = start_proxy(URI, "--port", str(port), "--debug", "--admin-port", str(admin), *extra)
     proxy.wait_for("Enabling pprof endpoints")
+    return proxy, admin
+
+
+def test_cmdline_hides_secret_flag_values(start_proxy, port):
+    _, admin = start_with_debug(start_proxy, port, "--login-token", "login-secret-value")
     status, body = request(admin, "/debug/pprof/cmdline")
     assert status == 200
     assert TOKEN_APP not in body and "login-secret-value" not in body
@@ -51,11 +48,7 @@ def test_cmdline_hides_secret_flag_values(start_proxy, port):
 
 
 def test_foreign_hosts_and_cross_site_requests_are_refused(start_proxy, port):
-    admin = free_port_block(1)
-    proxy = start_proxy(
-        URI, "--port", str(port), "--debug", "--quitquitquit", "--admin-port", str(admin)
-    )
-    proxy.wait_for("Enabling pprof endpoints")
+    proxy, admin = start_with_debug(start_proxy, port, "--quitquitquit")
     rebinding = {"Host": f"attacker.example:{admin}"}
     assert request(admin, "/debug/pprof/cmdline", rebinding)[0] == 403
     cross = {"Host": f"localhost:{admin}", "Origin": "https://attacker.example"}
@@ -113,9 +106,7 @@ def test_slow_and_oversized_requests_do_not_starve_probes(start_proxy, port):
 
 
 def test_one_profile_at_a_time_and_dials_do_not_wait_for_it(start_proxy, port):
-    admin = free_port_block(1)
-    proxy = start_proxy(URI, "--port", str(port), "--debug", "--admin-port", str(admin))
-    proxy.wait_for("Enabling pprof endpoints")
+    _, admin = start_with_debug(start_proxy, port)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         profiles = [pool.submit(request, admin, "/debug/pprof/profile?seconds=6") for _ in range(8)]
         time.sleep(0.5)
