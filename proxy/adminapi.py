@@ -5,6 +5,11 @@ in a worker thread through ``requests`` so that proxies (``HTTPS_PROXY``) and
 TLS work as users expect, without blocking the event loop. Only HTTP 503 is
 retried, with the backoff the Google client libraries use (1 s, x1.3, capped
 at 60 s, within a 60 s deadline, with jitter).
+
+Each request has a total deadline (REQUEST_TIMEOUT), not only the per-socket
+timeout of ``requests``: a server that trickles its answer cannot hold a
+dial, nor (the body is read in pieces against the deadline) a worker thread.
+A request that gets no HTTP answer raises AdminAPIUnreachable.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ import requests
 from proxy import workers
 from proxy.config import InstanceURI
 from proxy.credentials import TokenSource
-from proxy.errors import AdminAPIError
+from proxy.errors import AdminAPIError, AdminAPIUnreachable
 
 API_VERSION = "v1beta"
 CERT_DURATION = "3600s"
 REQUEST_TIMEOUT = 60.0
+#: Both answers are a few KiB; anything this large is not the Admin API.
+MAX_RESPONSE = 4 * 1024 * 1024
 
 _BACKOFF_INITIAL = 1.0
 _BACKOFF_MAX = 60.0
@@ -114,20 +121,43 @@ class AdminAPIClient:
         deadline = time.monotonic() + _RETRY_DEADLINE
         delay = _BACKOFF_INITIAL
         while True:
-            status, body = await workers.ADMIN_API.run(self._send, method, url, headers, data)
+            status, body = await self._request(method, url, headers, data)
             if status == 503 and time.monotonic() + delay < deadline:
                 await asyncio.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * _BACKOFF_MULTIPLIER, _BACKOFF_MAX)
                 continue
             return self._decode(status, body)
 
-    def _send(
+    async def _request(
         self, method: str, url: str, headers: dict[str, str], data: str | None
     ) -> tuple[int, bytes]:
-        response = self._session.request(
-            method, url, headers=headers, data=data, timeout=REQUEST_TIMEOUT
-        )
-        return response.status_code, response.content
+        deadline = time.monotonic() + REQUEST_TIMEOUT
+        try:
+            return await asyncio.wait_for(
+                workers.ADMIN_API.run(self._send, method, url, headers, data, deadline),
+                REQUEST_TIMEOUT,
+            )
+        except (TimeoutError, asyncio.TimeoutError):  # two classes before 3.11
+            raise AdminAPIUnreachable(
+                f'{method} "{url}": no answer within {REQUEST_TIMEOUT:g}s'
+            ) from None
+        except requests.RequestException as exc:
+            raise AdminAPIUnreachable(f'{method} "{url}": {_reason(exc)}') from None
+
+    def _send(
+        self, method: str, url: str, headers: dict[str, str], data: str | None, deadline: float
+    ) -> tuple[int, bytes]:
+        with self._session.request(
+            method, url, headers=headers, data=data, timeout=REQUEST_TIMEOUT, stream=True
+        ) as response:
+            body = bytearray()
+            for piece in response.iter_content(65536):
+                body += piece
+                if time.monotonic() > deadline:
+                    raise requests.Timeout(f"answer not complete after {REQUEST_TIMEOUT:g}s")
+                if len(body) > MAX_RESPONSE:
+                    raise requests.RequestException(f"answer larger than {MAX_RESPONSE} bytes")
+            return response.status_code, bytes(body)
 
     @staticmethod
     def _decode(status: int, raw: bytes) -> dict[str, Any]:
@@ -173,3 +203,16 @@ def _checked_dns_name(body: dict[str, Any], field: str) -> str:
     if value and not _DNS_NAME.fullmatch(value):
         raise AdminAPIError(200, f"connectionInfo has an invalid {field}: {value!r}")
     return value
+
+
+def _reason(exc: requests.RequestException) -> str:
+    """The innermost cause of a transport failure ("connection refused"), not urllib3's story."""
+    cause: BaseException = exc
+    while True:
+        inner = cause.__context__ or cause.__cause__
+        if inner is None or inner is cause:
+            break
+        cause = inner
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror.lower()
+    return str(exc)

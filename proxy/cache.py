@@ -4,13 +4,18 @@ Three strategies behind one interface (``connection_info``, ``force_refresh``,
 ``close``):
 
 * ``RefreshAheadCache`` (default): the first refresh starts at once and
-  callers wait for it; later refreshes run in the background ahead of expiry,
-  rate limited; a failed refresh is retried at once (still rate limited) while
-  the old certificate keeps serving as long as it is valid.
+  callers wait for it; later refreshes run in the background ahead of expiry.
+  A failed background refresh is retried at once while the old certificate
+  keeps serving; once no valid certificate is left, the failure goes to the
+  callers and the dialer decides when to ask again.
 * ``LazyCache`` (``--lazy-refresh``): no background work; a caller refreshes
-  synchronously when the cached certificate is within 4 minutes of expiry.
+  when the cached certificate is within 4 minutes of expiry.
 
-The RSA key is generated once per process (``proxy.keys``), off the event loop.
+Both share one fetch among all callers and shield it: a caller that gives up
+(the dial timeout) does not cancel what the others wait for, so an Admin API
+slower than the dial timeout still gets through. Every fetch passes the
+instance's rate limiter, which the dialer owns. The RSA key is generated once
+per process (``proxy.keys``), off the event loop.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from cryptography import x509
 from proxy import _splice
 from proxy.adminapi import AdminAPIClient
 from proxy.config import InstanceURI
-from proxy.errors import AdminAPIError, ConfigError, RefreshError
+from proxy.errors import AdminAPIError, AdminAPIUnreachable, ConfigError, RefreshError
 from proxy.keys import KeyPair
 from proxy.log import Logger
 from proxy.metrics import Metrics
@@ -48,8 +53,8 @@ ROLES_HINT = (
 )
 
 
-def _with_hint(exc: AdminAPIError) -> str:
-    return f"{exc}; {ROLES_HINT}" if exc.status == 403 else str(exc)
+def _with_hint(exc: AdminAPIError | AdminAPIUnreachable) -> str:
+    return f"{exc}; {ROLES_HINT}" if getattr(exc, "status", 0) == 403 else str(exc)
 
 
 async def fetch_connection_info(
@@ -64,24 +69,24 @@ async def fetch_connection_info(
         # Whatever failed, the sibling call must not outlive us unobserved.
         cert_call.cancel()
         await asyncio.gather(cert_call, return_exceptions=True)
-        if isinstance(exc, AdminAPIError):
+        if isinstance(exc, (AdminAPIError, AdminAPIUnreachable)):
             raise RefreshError(
                 "failed to get instance metadata",
                 uri.short,
                 _with_hint(exc),
-                status=exc.status,
-                reason=exc.reason,
+                status=getattr(exc, "status", None),
+                reason=getattr(exc, "reason", ""),
             ) from exc
         raise
     try:
         cert = await cert_call
-    except AdminAPIError as exc:
+    except (AdminAPIError, AdminAPIUnreachable) as exc:
         raise RefreshError(
             "create ephemeral cert failed",
             uri.short,
             _with_hint(exc),
-            status=exc.status,
-            reason=exc.reason,
+            status=getattr(exc, "status", None),
+            reason=getattr(exc, "reason", ""),
         ) from exc
     if not addresses.as_map():
         raise ConfigError(
@@ -129,12 +134,17 @@ class _InstanceCache:
         keys: KeyPair,
         log: Logger,
         metrics: Metrics | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self._uri = uri
         self._client = client
         self._keys = keys
         self._log = log
         self._metrics = metrics
+        # The dialer keeps one limiter per instance, so a new cache after a
+        # failure does not come with a fresh burst.
+        self._limiter = limiter or RateLimiter()
+        self._closed = False
 
     async def _fetch(self) -> ConnectionInfo:
         try:
@@ -145,8 +155,28 @@ class _InstanceCache:
         _record_refresh(self._metrics, self._uri.short, None)
         return info
 
+    async def _shared(self, task: asyncio.Task[ConnectionInfo]) -> ConnectionInfo:
+        """Wait for a fetch others may share: shielded, so one caller's timeout
+        does not cancel it; one that ``close()`` cancelled becomes an error."""
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled() and self._closed:
+                raise RefreshError(
+                    "connection info cache closed before the refresh completed", self._uri.short
+                ) from None
+            raise
+
 
 class RefreshAheadCache(_InstanceCache):
+    """Refreshes in the background ahead of expiry (see the module docstring).
+
+    ``_current`` is the task whose result callers get; ``_next`` the refresh
+    scheduled after it (None when nothing is scheduled). Neither is ever
+    cancelled while callers may wait for it, except by ``close()``, whose
+    waiters get a RefreshError saying so.
+    """
+
     def __init__(
         self,
         uri: InstanceURI,
@@ -154,18 +184,17 @@ class RefreshAheadCache(_InstanceCache):
         keys: KeyPair,
         log: Logger,
         metrics: Metrics | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
-        super().__init__(uri, client, keys, log, metrics)
-        self._limiter = RateLimiter()
-        self._closed = False
+        super().__init__(uri, client, keys, log, metrics, limiter)
         self._log.debug("[%s] Connection info cache = refresh ahead", uri.short)
         self._next_started = False
-        self._next = self._schedule(0.0)
+        self._next_immediate = True
+        self._next: asyncio.Task[ConnectionInfo] | None = self._schedule(0.0)
         self._current: asyncio.Task[ConnectionInfo] = self._next
 
     async def connection_info(self) -> ConnectionInfo:
-        # shield: a caller that times out must not cancel the shared refresh.
-        return await asyncio.shield(self._current)
+        return await self._shared(self._current)
 
     def _current_is_valid(self) -> bool:
         cur = self._current
@@ -176,8 +205,10 @@ class RefreshAheadCache(_InstanceCache):
     def force_refresh(self) -> None:
         if self._closed:
             return
-        if not self._next_started:
-            self._next.cancel()
+        if self._next is None or not (self._next_started or self._next_immediate):
+            # Only a delayed refresh is replaced: nobody waits for one.
+            if self._next is not None:
+                self._next.cancel()
             self._log.debug(
                 "[%s] Connection info refresh operation scheduled immediately", self._uri.short
             )
@@ -187,11 +218,13 @@ class RefreshAheadCache(_InstanceCache):
 
     def close(self) -> None:
         self._closed = True
-        self._next.cancel()
-        if not self._current.done():
-            self._current.cancel()
+        for task in (self._next, self._current):
+            if task is not None and not task.done():
+                task.cancel()  # its waiters get a RefreshError (see _shared)
 
     def _schedule(self, delay: float) -> asyncio.Task[ConnectionInfo]:
+        self._next_started = False
+        self._next_immediate = delay <= 0
         task = asyncio.get_running_loop().create_task(self._refresh_after(delay))
         # A failed refresh is reported to its waiters; don't also warn about it.
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -212,10 +245,14 @@ class RefreshAheadCache(_InstanceCache):
         except Exception as exc:
             self._log.debug("[%s] Connection info refresh operation failed: %s", short, exc)
             if not self._closed:
-                if not self._current_is_valid():
+                if self._current_is_valid():
+                    # The old certificate still serves: retry at once (rate limited).
+                    self._next = self._schedule(0.0)
+                else:
+                    # Callers get this failure; the dialer drops the cache and
+                    # decides when the Admin API is asked again.
                     self._current = this  # type: ignore[assignment]
-                self._next_started = False
-                self._next = self._schedule(0.0)
+                    self._next = None
             raise
         self._log.debug(
             "[%s] Connection info refresh operation complete (type = refresh ahead)", short
@@ -234,12 +271,14 @@ class RefreshAheadCache(_InstanceCache):
                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + wait)),
                 int(wait),
             )
-            self._next_started = False
             self._next = self._schedule(wait)
         return info
 
 
 class LazyCache(_InstanceCache):
+    """Refreshes only when a caller finds the certificate near expiry: one shared
+    fetch at a time, which a caller's timeout does not cancel."""
+
     def __init__(
         self,
         uri: InstanceURI,
@@ -247,35 +286,49 @@ class LazyCache(_InstanceCache):
         keys: KeyPair,
         log: Logger,
         metrics: Metrics | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
-        super().__init__(uri, client, keys, log, metrics)
+        super().__init__(uri, client, keys, log, metrics, limiter)
         self._info: ConnectionInfo | None = None
         self._force = False
-        self._lock = asyncio.Lock()
+        self._fetching: asyncio.Task[ConnectionInfo] | None = None
         self._log.debug("[%s] Connection info cache = lazy", uri.short)
 
     async def connection_info(self) -> ConnectionInfo:
-        async with self._lock:
-            info = self._info
-            if (
-                info is not None
-                and not self._force
-                and not lazy_needs_refresh(info.expiry, time.time())
-            ):
-                self._log.debug(
-                    "[%s] Connection info is still valid, using cached info (type = lazy)",
-                    self._uri.short,
-                )
-                return info
+        info = self._info
+        if (
+            info is not None
+            and not self._force
+            and not lazy_needs_refresh(info.expiry, time.time())
+        ):
+            self._log.debug(
+                "[%s] Connection info is still valid, using cached info (type = lazy)",
+                self._uri.short,
+            )
+            return info
+        if self._fetching is None:
             self._log.debug(
                 "[%s] Connection info refresh operation started (type = lazy)", self._uri.short
             )
-            self._info = await self._fetch()
-            self._force = False
-            return self._info
+            self._fetching = asyncio.get_running_loop().create_task(self._fetch_once())
+            self._fetching.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await self._shared(self._fetching)
+
+    async def _fetch_once(self) -> ConnectionInfo:
+        try:
+            await self._limiter.acquire()
+            info = await self._fetch()
+            if not self._closed:
+                self._info, self._force = info, False
+            return info
+        finally:
+            self._fetching = None
 
     def force_refresh(self) -> None:
         self._force = True
 
     def close(self) -> None:
+        self._closed = True
         self._info = None
+        if self._fetching is not None:
+            self._fetching.cancel()

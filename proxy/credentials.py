@@ -19,12 +19,14 @@ run in a worker thread; no token ever reaches a log or an error message.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
 import os
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,6 +41,8 @@ GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
 #: Refresh a token this long before it expires, so no connection ever sends a
 #: token that dies in flight.
 REFRESH_MARGIN = dt.timedelta(minutes=4)
+#: Longest wait between two attempts after failed token fetches.
+BACKOFF_MAX = 60.0
 
 ADC_HELP = (
     "credentials: could not find default credentials. See "
@@ -84,36 +88,90 @@ class StaticTokenSource:
 
 
 class _RefreshingTokenSource:
-    """Caches a token and refreshes it in a worker thread when it nears expiry."""
+    """Caches one token and refreshes it ahead of expiry, at most one fetch at a time.
+
+    A token is *due* for refresh when less than REFRESH_MARGIN is left (half
+    its lifetime, for tokens that live shorter than twice that, so a source of
+    short tokens does not refetch on every call). While the cached token is
+    still *usable* (more than a quarter of its margin left), callers get it at
+    once, on the loop, and a due refresh runs in the background: a failing
+    token endpoint then costs nothing until the token really runs out. After a
+    failed fetch the next one waits (1 s, doubling up to BACKOFF_MAX); callers
+    with no usable token meanwhile get the same error without a new request.
+    """
 
     def __init__(self, origin: str) -> None:
         self.origin = origin
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one fetch at a time: prime() runs off the loop
         self._cached: Token | None = None
+        self._margin = REFRESH_MARGIN.total_seconds()
+        self._refresh: asyncio.Task[Token] | None = None
+        self._failures = 0
+        self._retry_at = 0.0  # time.monotonic() before which no fetch starts
+        self._last_error: CredentialsError | None = None
 
     def _fetch(self) -> Token:
         raise NotImplementedError
 
-    def _fresh(self) -> Token:
+    def fetch_now(self) -> Token:
+        """Fetch and cache a token, blocking: in a worker thread, or at start-up."""
         with self._lock:
-            cached = self._cached
-            if cached is None or (
-                cached.expiry is not None and cached.expiry - REFRESH_MARGIN <= _utcnow()
-            ):
-                self._cached = cached = self._fetch()
-            return cached
+            token = self._fetch()
+            lifetime = _seconds_left(token, _utcnow())
+            self._margin = REFRESH_MARGIN.total_seconds()
+            if lifetime is not None:
+                self._margin = min(self._margin, max(lifetime, 0.0) / 2)
+            self._cached = token
+            return token
 
     def prime(self) -> Token:
         """Fetch once now (blocking), to fail fast at start-up."""
-        return self._fresh()
+        return self.fetch_now()
 
     async def token(self) -> Token:
         cached = self._cached
-        if cached is not None and (
-            cached.expiry is None or cached.expiry - REFRESH_MARGIN > _utcnow()
-        ):
-            return cached  # the common case: no thread hop
-        return await workers.TOKENS.run(self._fresh)
+        if cached is not None:
+            left = _seconds_left(cached, _utcnow())
+            if left is None or left > self._margin:
+                return cached  # the common case: no thread hop, no task
+            if left > self._margin / 4:
+                self._start_refresh()  # due: refresh behind the caller's back
+                return cached
+        if self._refresh is None and self._last_error and time.monotonic() < self._retry_at:
+            raise self._last_error  # backing off: no new request
+        # shield: one caller's timeout must not cancel the fetch others wait for.
+        return await asyncio.shield(self._start_refresh(force=True))
+
+    def _start_refresh(self, force: bool = False) -> asyncio.Task[Token]:
+        running = self._refresh
+        if running is None and (force or time.monotonic() >= self._retry_at):
+            running = self._refresh = asyncio.get_running_loop().create_task(self._refresh_once())
+            # A background refresh's failure is for the next callers; don't warn about it.
+            running.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return running  # type: ignore[return-value]  # None only when not forced
+
+    async def _refresh_once(self) -> Token:
+        try:
+            token = await workers.TOKENS.run(self.fetch_now)
+        except CredentialsError as exc:
+            self._failures += 1
+            self._retry_at = time.monotonic() + min(BACKOFF_MAX, 2.0 ** (self._failures - 1))
+            self._last_error = exc
+            get_logger().debug(
+                "Token refresh failed (%s); next attempt in %ds",
+                self.origin,
+                int(self._retry_at - time.monotonic()),
+            )
+            raise
+        finally:
+            self._refresh = None
+        self._failures = 0
+        self._last_error = None
+        return token
+
+
+def _seconds_left(token: Token, now: dt.datetime) -> float | None:
+    return None if token.expiry is None else (token.expiry - now).total_seconds()
 
 
 class GoogleAuthTokenSource(_RefreshingTokenSource):
@@ -193,6 +251,31 @@ class GcloudTokenSource(_RefreshingTokenSource):
             raise CredentialsError(
                 f"error reading config: unexpected gcloud output: {exc}"
             ) from None
+
+    def google_credentials(self) -> Any:
+        """This source as a google-auth credential that refreshes by running gcloud
+        again, as the base of impersonation (a plain token would die in an hour)."""
+        from google.auth import credentials as google_credentials
+
+        source = self
+
+        class GcloudCredentials(google_credentials.Credentials):
+            def __init__(self) -> None:
+                super().__init__()
+                cached = source._cached
+                if cached is not None:
+                    self.token, self.expiry = cached.value, cached.expiry
+
+            def refresh(self, request: Any) -> None:
+                from google.auth import exceptions
+
+                try:
+                    fresh = source.fetch_now()
+                except CredentialsError as exc:
+                    raise exceptions.RefreshError(str(exc)) from None
+                self.token, self.expiry = fresh.value, fresh.expiry
+
+        return GcloudCredentials()
 
 
 @dataclass(frozen=True)
@@ -372,10 +455,7 @@ def resolve(
             raise StartupError(f"error initializing dialer: {exc}") from None
         api = login = gcloud
         if impersonate:
-            from google.oauth2 import credentials as user_credentials
-
-            first = gcloud.prime()
-            base = user_credentials.Credentials(token=first.value, expiry=first.expiry)
+            base = gcloud.google_credentials()
     else:
         description = f"{verb} Application Default Credentials"
         log.info(description)

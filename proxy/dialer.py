@@ -2,31 +2,53 @@
 
 The result is an established ``_splice.TLSConnection`` that the server hands to
 the splice core. TCP and TLS failures force a certificate refresh (the
-instance may have moved or rotated its CA); a metadata-exchange refusal does
-not, as in the Go connector. A failed connection-info lookup evicts the
-instance's cache so the next connection starts afresh.
+instance may have moved or rotated its CA); so does a failure on the first
+read of the metadata exchange, which is where TLS 1.3 delivers the server's
+rejection of our certificate. A metadata-exchange refusal does not,
+as in the Go connector.
+
+A failed connection-info lookup evicts the instance's cache, so the next
+connection starts afresh; but the Admin API is not asked again at once: the
+failure is remembered for a while (longer after each 429 or 5xx, and at least
+until the instance's rate limiter has a token), and connections meanwhile get
+the same error. The rate limiter belongs to the instance, not to the cache,
+so eviction cannot reset it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import time
+from dataclasses import dataclass
 
 from proxy import __version__, _splice, mdx, tlsconn
 from proxy.adminapi import AdminAPIClient
 from proxy.cache import ConnectionInfo, ConnectionInfoCache, LazyCache, RefreshAheadCache
 from proxy.config import SERVER_PROXY_PORT, Config, InstanceConfig, InstanceURI
 from proxy.credentials import CredentialSet
-from proxy.errors import ConfigError, DialError, MetadataExchangeError
+from proxy.errors import ConfigError, DialError, MetadataExchangeError, RefreshError
 from proxy.keys import KeyPair
 from proxy.log import Logger
 from proxy.metrics import Metrics
+from proxy.refresh import RateLimiter
 from proxy.staticinfo import StaticCache
 
 #: Sent in every metadata exchange, like the Go connector's own name/version.
 MDX_USER_AGENT = f"alloydb-python-proxy/{__version__}"
 MDX_TIMEOUT = 30.0
 TCP_KEEPALIVE = 30
+#: How long a failed connection-info lookup is remembered (seconds); after an
+#: HTTP 429 or 5xx it doubles with each failure in a row, up to FAILURE_HOLD_MAX.
+FAILURE_HOLD = 2.0
+FAILURE_HOLD_MAX = 120.0
+
+
+@dataclass
+class _Failure:
+    error: Exception
+    until: float  # time.monotonic()
+    in_a_row: int
 
 
 def set_tcp_options(sock: socket.socket) -> None:
@@ -57,6 +79,8 @@ class Dialer:
         self._keys = keys
         self._log = log
         self._caches: dict[InstanceURI, ConnectionInfoCache] = {}
+        self._limiters: dict[InstanceURI, RateLimiter] = {}
+        self._failures: dict[InstanceURI, _Failure] = {}
         self._closed = False
 
     def _cache(self, uri: InstanceURI) -> ConnectionInfoCache:
@@ -66,7 +90,8 @@ class Dialer:
                 cache = StaticCache(uri, self._static)
             else:
                 kind = LazyCache if self._cfg.lazy_refresh else RefreshAheadCache
-                cache = kind(uri, self._client, self._keys, self._log, self._metrics)
+                limiter = self._limiters.setdefault(uri, RateLimiter())
+                cache = kind(uri, self._client, self._keys, self._log, self._metrics, limiter)
             self._caches[uri] = cache
         return cache
 
@@ -75,6 +100,29 @@ class Dialer:
         cache.close()
         if self._caches.get(uri) is cache:
             del self._caches[uri]
+        self._remember(uri, err)
+
+    def _remember(self, uri: InstanceURI, err: Exception) -> None:
+        """Hold the failure, so a burst of connections makes no burst of requests."""
+        previous = self._failures.get(uri)
+        in_a_row = previous.in_a_row + 1 if previous else 1
+        hold = FAILURE_HOLD
+        status = getattr(err, "status", None) or 0
+        if status == 429 or status >= 500:
+            hold = min(FAILURE_HOLD_MAX, FAILURE_HOLD * 2 ** (in_a_row - 1))
+        limiter = self._limiters.get(uri)
+        if limiter is not None:
+            hold = max(hold, limiter.wait_time())
+        self._failures[uri] = _Failure(err, time.monotonic() + hold, in_a_row)
+        self._log.debug(
+            "[%s] Not asking the Admin API again for %.0fs after: %s", uri.short, hold, err
+        )
+
+    def _remembered(self, uri: InstanceURI) -> Exception | None:
+        failure = self._failures.get(uri)
+        if failure is None or time.monotonic() >= failure.until:
+            return None
+        return failure.error
 
     async def dial(self, inst: InstanceConfig) -> _splice.TLSConnection:
         """Open an authenticated tunnel to the instance, ready for PostgreSQL bytes."""
@@ -82,24 +130,35 @@ class Dialer:
             raise DialError("alloydbconn: dialer is closed", inst.uri.short)
         uri = inst.uri
         short = uri.short
+        remembered = self._remembered(uri) if uri not in self._caches else None
+        if remembered is not None:
+            raise remembered
         cache = self._cache(uri)
         try:
             info = await cache.connection_info()
+            if not info.valid():
+                # e.g. after a laptop sleep: the certificate expired under us.
+                self._log.debug("[%s] Cert is valid = false; refreshing certificate now", short)
+                cache.force_refresh()
+                info = await cache.connection_info()
+                if not info.valid():
+                    raise RefreshError(
+                        "the Admin API issued a client certificate that has already expired",
+                        short,
+                        "expired at "
+                        + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.expiry)),
+                    )
         except Exception as exc:
             self._evict(uri, cache, exc)
             raise
-        if not info.valid():
-            # e.g. after a laptop sleep: the certificate expired under us.
-            self._log.debug("[%s] Cert is valid = false; refreshing certificate now", short)
-            cache.force_refresh()
-            info = await cache.connection_info()
+        self._failures.pop(uri, None)
 
         ip_type = self._cfg.ip_type_for(inst)
         address = info.addresses.get(ip_type)
         if not address:
-            err = ConfigError(f'instance does not have IP of type "{ip_type}"', short)
-            self._evict(uri, cache, err)
-            raise err
+            # This listener's configuration is wrong; another listener for the
+            # same instance with another IP type still uses the cache.
+            raise ConfigError(f'instance does not have IP of type "{ip_type}"', short)
 
         self._log.debug("[%s] Dialing %s:%d", short, address, SERVER_PROXY_PORT)
         try:
@@ -121,7 +180,7 @@ class Dialer:
                 cache.force_refresh()
                 raise DialError("handshake failed", short, exc) from exc
             self._log.debug("[%s] Connected securely to %s", short, _hostport(address))
-            await self._metadata_exchange(conn, inst)
+            await self._metadata_exchange(conn, inst, cache)
         except BaseException:
             conn.close()
             raise
@@ -146,7 +205,9 @@ class Dialer:
                 raise
         raise last
 
-    async def _metadata_exchange(self, conn: _splice.TLSConnection, inst: InstanceConfig) -> None:
+    async def _metadata_exchange(
+        self, conn: _splice.TLSConnection, inst: InstanceConfig, cache: ConnectionInfoCache
+    ) -> None:
         short = inst.uri.short
         token = await self._credentials.login.token()
         auto_iam = self._cfg.auto_iam_for(inst)
@@ -162,7 +223,15 @@ class Dialer:
             oauth2_token=token.value,
         )
         await tlsconn.send_all(conn, mdx.encode_request(request), timeout=MDX_TIMEOUT)
-        header = await tlsconn.recv_exactly(conn, mdx.HEADER_SIZE, timeout=MDX_TIMEOUT)
+        try:
+            header = await tlsconn.recv_exactly(conn, mdx.HEADER_SIZE, timeout=MDX_TIMEOUT)
+        except (_splice.TLSError, ConnectionError) as exc:
+            # Under TLS 1.3 the client's handshake ends before the server has
+            # checked our certificate: its refusal (an alert, or just a close)
+            # shows up here.
+            self._log.debug("[%s] TLS handshake failed (seen on first read): %s", short, exc)
+            cache.force_refresh()
+            raise DialError("handshake failed", short, exc) from exc
         size = mdx.body_length(header)
         body = await tlsconn.recv_exactly(conn, size, timeout=MDX_TIMEOUT) if size else b""
         response = mdx.decode_response(body)

@@ -91,3 +91,7 @@ class AdminAPIError(ProxyError):
         if reason:
             text += f", {reason}"
         super().__init__(text)
+
+
+class AdminAPIUnreachable(ProxyError):
+    """The Admin API gave no HTTP answer: unreachable, TLS failure, or past the deadline."""

@@ -20,6 +20,8 @@ Instance server (port 5433):
   close_during_mdx      abort the connection after reading the exchange request, before answering
   wrong_san             present a certificate (valid chain) whose SAN is another IP
   unknown_ca            present a certificate signed by a CA the client does not trust
+  reject_client_certs   refuse every client certificate (an "unknown ca" alert; under
+                        TLS 1.3 the client sees it on its first read)
   reset_after_bytes     reset (RST) the connection after relaying this many bytes to the client
 """
 
@@ -45,6 +47,7 @@ class Faults:
     close_during_mdx: bool = False
     wrong_san: bool = False
     unknown_ca: bool = False
+    reject_client_certs: bool = False
     reset_after_bytes: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 

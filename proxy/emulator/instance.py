@@ -27,8 +27,9 @@ import ssl
 import struct
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
@@ -113,6 +114,18 @@ class _Reader:
         self.pending = data + self.pending
 
 
+class _SwitchingContext(ssl.SSLContext):
+    """A server context that may hand a new connection to another context."""
+
+    switch: Callable[[], ssl.SSLContext | None] | None = None
+
+    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        other = self.switch() if self.switch is not None else None
+        if other is not None:
+            return other.wrap_bio(*args, **kwargs)
+        return super().wrap_bio(*args, **kwargs)
+
+
 class InstanceServer:
     """Serves one Instance on every one of its addresses (built off the event loop)."""
 
@@ -123,11 +136,17 @@ class InstanceServer:
         self._writers: set[asyncio.StreamWriter] = set()
         self._contexts = self._build_contexts(other_ca)
 
-    def _context(self, cert: x509.Certificate, key_bytes: bytes, chain_root: str) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    def _context(
+        self,
+        cert: x509.Certificate,
+        key_bytes: bytes,
+        chain_root: str,
+        client_ca: str | None = None,
+    ) -> _SwitchingContext:
+        ctx = _SwitchingContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(cadata=self.inst.ca.root_pem)
+        ctx.load_verify_locations(cadata=client_ca or self.inst.ca.root_pem)
         # ssl only loads certificates from files: write them to a private temp dir.
         with tempfile.TemporaryDirectory() as tmp:
             cert_path = os.path.join(tmp, "cert.pem")
@@ -139,7 +158,7 @@ class InstanceServer:
             ctx.load_cert_chain(cert_path, key_path)
         return ctx
 
-    def _build_contexts(self, other_ca: ClusterCA) -> dict[str, ssl.SSLContext]:
+    def _build_contexts(self, other_ca: ClusterCA) -> dict[str, _SwitchingContext]:
         inst = self.inst
         dns = [inst.psc_dns_name] if inst.psc_dns_name else []
         good, key = inst.ca.server_certificate(inst.ips, dns, inst.uid)
@@ -152,6 +171,7 @@ class InstanceServer:
             "good": self._context(good, k, inst.ca.root_pem),
             "wrong_san": self._context(wrong, k, inst.ca.root_pem),
             "unknown_ca": self._context(foreign, k, other_ca.root_pem),
+            "reject_client_certs": self._context(good, k, inst.ca.root_pem, other_ca.root_pem),
         }
 
         def choose_certificate(
@@ -165,6 +185,11 @@ class InstanceServer:
                 sslobj.context = contexts["unknown_ca"]
 
         contexts["good"].sni_callback = choose_certificate
+        # The client CA cannot be swapped in the SNI callback (OpenSSL keeps the
+        # first context's trust store): hand the whole connection over instead.
+        contexts["good"].switch = lambda: (
+            contexts["reject_client_certs"] if self._fault("reject_client_certs") else None
+        )
         return contexts
 
     async def start(self) -> None:

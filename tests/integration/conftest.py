@@ -21,6 +21,7 @@ from ..conftest import (  # noqa: F401  (re-exported for the test modules)
     TOKEN_IAM,
     URI,
 )
+from .fakes import IdentityFakes
 from .proxyproc import ProxyProcess, free_port_block
 
 
@@ -42,6 +43,14 @@ def start_proxy(emulator):
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def fakes():
+    """Loopback fakes of Google's token endpoints and the metadata servers."""
+    fake = IdentityFakes()
+    yield fake
+    fake.close()
 
 
 @pytest.fixture

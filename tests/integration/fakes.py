@@ -22,6 +22,30 @@ from urllib.parse import parse_qs, urlparse
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from proxy.emulator import Principal
+
+from ..conftest import SA_EMAIL
+
+PEOPLE = {
+    "sa|": "key-sa@project-id.iam.gserviceaccount.com",
+    "user|": "person@example.com",
+    "gce|": "vm-sa@project-id.iam.gserviceaccount.com",
+    "imp|": SA_EMAIL,
+    "gcloud-": "person@example.com",
+    "static-": "person@example.com",
+}
+
+
+class TokensByPrefix(dict):
+    """The emulator's token table: any token the fakes issue maps to its principal."""
+
+    def get(self, token, default=None):
+        for prefix, email in PEOPLE.items():
+            if token.startswith(prefix):
+                return Principal(email)
+        return default
+
+
 IMDS_SESSION = "imds-session-token"
 STS_TOKEN = "sts-federated-token"
 AWS_ROLE = "my-ec2-role"

@@ -14,34 +14,8 @@ from proxy.credentials import parse_impersonation_chain
 from proxy.emulator import Emulator, Principal
 
 from .conftest import DB_NAME, IAM_DB_USER, SA_EMAIL, URI, psql
-from .fakes import ConnectProxy, IdentityFakes, aws_external_account_info, service_account_info
+from .fakes import ConnectProxy, TokensByPrefix, aws_external_account_info, service_account_info
 from .proxyproc import ProxyProcess, free_port_block
-
-PEOPLE = {
-    "sa|": "key-sa@project-id.iam.gserviceaccount.com",
-    "user|": "person@example.com",
-    "gce|": "vm-sa@project-id.iam.gserviceaccount.com",
-    "imp|": SA_EMAIL,
-    "gcloud-": "person@example.com",
-    "static-": "person@example.com",
-}
-
-
-class TokensByPrefix(dict):
-    """The emulator's token table: any token the fakes issue maps to its principal."""
-
-    def get(self, token, default=None):
-        for prefix, email in PEOPLE.items():
-            if token.startswith(prefix):
-                return Principal(email)
-        return default
-
-
-@pytest.fixture
-def fakes():
-    fake = IdentityFakes()
-    yield fake
-    fake.close()
 
 
 @pytest.fixture
@@ -361,9 +335,10 @@ def test_impersonation_chain_order():
     assert delegates == ["projects/-/serviceAccounts/sa3@p", "projects/-/serviceAccounts/sa2@p"]
 
 
-def test_impersonation_flag_with_delegates(run_proxy, cred_emulator, fakes, tmp_path):
-    """--impersonate-service-account: the IAM Credentials host is fixed in google-auth,
-    so a loopback HTTPS proxy stands in for it (nothing leaves this machine)."""
+@pytest.fixture
+def iam_credentials(fakes, tmp_path):
+    """The IAM Credentials host is fixed in google-auth, so a loopback HTTPS proxy
+    stands in for it (nothing leaves this machine); yields the proxy's environment."""
     from proxy.emulator.pki import ClusterCA, key_pem, pem
 
     ca = ClusterCA("projects/test/locations/x/clusters/iam-fake")
@@ -373,36 +348,39 @@ def test_impersonation_flag_with_delegates(run_proxy, cred_emulator, fakes, tmp_
     files["cert.pem"].write_text(pem(cert))
     files["key.pem"].write_bytes(key_pem(key))
     https_proxy = ConnectProxy(fakes, "iamcredentials.googleapis.com", *map(str, files.values()))
+    yield {
+        "HTTPS_PROXY": https_proxy.url,
+        "NO_PROXY": "127.0.0.1,localhost",
+        "REQUESTS_CA_BUNDLE": str(files["ca.pem"]),
+    }
+    https_proxy.close()
+    assert https_proxy.refused == []
+
+
+def test_impersonation_flag_with_delegates(run_proxy, cred_emulator, fakes, iam_credentials):
     delegate = "delegate@project-id.iam.gserviceaccount.com"
-    try:
-        proxy = run_proxy(
-            "--token",
-            "base-token",
-            "--impersonate-service-account",
-            f"{SA_EMAIL},{delegate}",
-            "--auto-iam-authn",
-            env={
-                "HTTPS_PROXY": https_proxy.url,
-                "NO_PROXY": "127.0.0.1,localhost",
-                "REQUESTS_CA_BUNDLE": str(files["ca.pem"]),
-            },
-        )
-        assert "Impersonating service account with OAuth2 token" in proxy.output
-        assert (
-            "Note: reusing the configured API credential for IAM database authentication login"
-            in proxy.output
-        )
-        result = psql(
-            "SELECT current_user",
-            host="127.0.0.1",
-            port=proxy.port,
-            user=IAM_DB_USER,
-            password=None,
-            dbname=DB_NAME,
-        )
-        assert result.stdout.strip() == IAM_DB_USER
-    finally:
-        https_proxy.close()
+    proxy = run_proxy(
+        "--token",
+        "base-token",
+        "--impersonate-service-account",
+        f"{SA_EMAIL},{delegate}",
+        "--auto-iam-authn",
+        env=iam_credentials,
+    )
+    assert "Impersonating service account with OAuth2 token" in proxy.output
+    assert (
+        "Note: reusing the configured API credential for IAM database authentication login"
+        in proxy.output
+    )
+    result = psql(
+        "SELECT current_user",
+        host="127.0.0.1",
+        port=proxy.port,
+        user=IAM_DB_USER,
+        password=None,
+        dbname=DB_NAME,
+    )
+    assert result.stdout.strip() == IAM_DB_USER
     api, mdx = tokens_seen(cred_emulator)
     assert api[0].startswith("imp|cloud-platform|") and mdx == [api[0]]
     calls = [
@@ -410,5 +388,69 @@ def test_impersonation_flag_with_delegates(run_proxy, cred_emulator, fakes, tmp_
     ]
     assert calls[0][0] == f"/v1/projects/-/serviceAccounts/{SA_EMAIL}:generateAccessToken"
     assert json.loads(calls[0][1])["delegates"] == [f"projects/-/serviceAccounts/{delegate}"]
-    assert https_proxy.refused == []
+    assert_no_secret_logged(proxy, fakes)
+
+
+def short_lived_gcloud(directory, prefix: str, lifetime: int) -> dict[str, str]:
+    """A fake gcloud whose N-th run prints token ``<prefix>N-<expiry epoch>``, valid ``lifetime`` s."""
+    counter = directory / "gcloud-runs"
+    return fake_gcloud(
+        directory,
+        f"""n=$(( $(cat "{counter}" 2>/dev/null || echo 0) + 1 )); echo $n > "{counter}"
+expiry=$(( $(date +%s) + {lifetime} ))
+cat <<EOF
+{{"credential": {{"access_token": "{prefix}$n-$expiry",
+  "token_expiry": "$(date -u -d @$expiry +%Y-%m-%dT%H:%M:%SZ)"}}}}
+EOF
+""",
+    )
+
+
+def connect_repeatedly(proxy, count: int, pause: float, **login) -> list[float]:
+    """``count`` logins through the proxy, ``pause`` s apart; when each one started."""
+    started = []
+    for n in range(count):
+        started.append(time.time())
+        result = psql(f"SELECT {n}", host="127.0.0.1", port=proxy.port, **login)
+        assert result.stdout.strip() == str(n)
+        time.sleep(pause)
+    return started
+
+
+def test_gcloud_tokens_are_renewed_across_expiries(run_proxy, cred_emulator, tmp_path):
+    # 10 s tokens, 6 logins 2.5 s apart: the login token runs out about twice.
+    env = short_lived_gcloud(tmp_path, "gcloud-", lifetime=10)
+    proxy = run_proxy("--gcloud-auth", env=env)
+    started = connect_repeatedly(proxy, 6, 2.5)
+    mdx = tokens_seen(cred_emulator)[1]
+    assert len(mdx) == 6 and len(set(mdx)) >= 2
+    for token, when in zip(mdx, started, strict=True):
+        assert int(token.rsplit("-", 1)[1]) > when + 0.5, "an expiring token was sent"
+    runs = int((tmp_path / "gcloud-runs").read_text())
+    # Renewed ahead of expiry, not run again for every token use (6 logins, 2+ API calls).
+    assert 2 <= runs <= 5
+
+
+def test_gcloud_with_impersonation_survives_the_gcloud_token_expiring(
+    run_proxy, cred_emulator, fakes, tmp_path, iam_credentials
+):
+    """The impersonated token is renewed with a fresh gcloud token each time."""
+    fakes.expires_in = 10
+    env = short_lived_gcloud(tmp_path, "base-gcloud-", lifetime=10)
+    proxy = run_proxy(
+        "--gcloud-auth",
+        "--impersonate-service-account",
+        SA_EMAIL,
+        "--auto-iam-authn",
+        env={**env, **iam_credentials},
+    )
+    assert "Impersonating service account with gcloud user credentials" in proxy.output
+    connect_repeatedly(proxy, 6, 2.5, user=IAM_DB_USER, password=None)
+    sources = [
+        headers.get("Authorization")
+        for _, path, headers, _ in fakes.log
+        if path.endswith(":generateAccessToken")
+    ]
+    assert len(sources) >= 2 and len(set(sources)) == len(sources)  # a new gcloud token each
+    assert not any("failed" in line for line in proxy.stderr)
     assert_no_secret_logged(proxy, fakes)

@@ -15,6 +15,7 @@ from proxy.emulator.pki import ClusterCA
 from proxy.errors import AdminAPIError, RefreshError
 from proxy.keys import KeyPair
 from proxy.log import Logger
+from proxy.refresh import RateLimiter
 
 URI = parse_instance_uri("projects/p/locations/r/clusters/c/instances/i")
 
@@ -89,3 +90,77 @@ async def test_lazy_cache_refreshes_only_when_needed(ca, keys):
     cache.force_refresh()
     assert await cache.connection_info() is not first
     assert client.cert_calls == 2
+
+
+class SlowClient(ScriptedClient):
+    """Every call takes ``delay`` seconds; ``info_calls`` counts connectionInfo requests."""
+
+    def __init__(self, ca, lifetime, delay):
+        super().__init__(ca, lifetime)
+        self.delay = delay
+        self.info_calls = 0
+
+    async def connection_info(self, uri):
+        self.info_calls += 1
+        await asyncio.sleep(self.delay)
+        return await super().connection_info(uri)
+
+    async def client_certificate(self, uri, public_key_pem):
+        await asyncio.sleep(self.delay)
+        return await super().client_certificate(uri, public_key_pem)
+
+
+@pytest.mark.parametrize("kind", [LazyCache, RefreshAheadCache])
+async def test_callers_timing_out_share_one_fetch_that_completes(ca, keys, kind):
+    """An Admin API slower than the dial timeout: each dial gives up, but the one
+    fetch goes on, and a later dial gets its result (lazy refresh never did)."""
+    client = SlowClient(ca, dt.timedelta(hours=1), delay=0.6)
+    cache = kind(URI, client, keys, Logger(quiet=True))
+    for _ in range(4):
+        with pytest.raises((TimeoutError, asyncio.TimeoutError)):
+            await asyncio.wait_for(cache.connection_info(), 0.1)
+    info = await asyncio.wait_for(cache.connection_info(), 0.5)
+    assert info.valid()
+    assert (client.info_calls, client.cert_calls) == (1, 1)
+    cache.close()
+
+
+async def test_a_second_forced_refresh_does_not_cancel_the_first_ones_waiter(ca, keys):
+    client = ScriptedClient(ca, -dt.timedelta(minutes=1))  # every certificate already expired
+    # A large burst: this is about cancellation, not the rate limit.
+    limiter = RateLimiter(burst=10)
+    cache = RefreshAheadCache(URI, client, keys, Logger(quiet=True), limiter=limiter)
+    assert not (await cache.connection_info()).valid()
+
+    async def dial() -> object:
+        # What the dialer does with an expired certificate, twice in one loop iteration.
+        cache.force_refresh()
+        return await cache.connection_info()
+
+    results = await asyncio.gather(dial(), dial(), return_exceptions=True)
+    assert not any(isinstance(r, BaseException) for r in results), results
+    cache.close()
+
+
+@pytest.mark.parametrize("kind", [LazyCache, RefreshAheadCache])
+async def test_closing_the_cache_fails_its_waiters_with_an_error(ca, keys, kind):
+    client = SlowClient(ca, dt.timedelta(hours=1), delay=5)
+    cache = kind(URI, client, keys, Logger(quiet=True))
+    waiter = asyncio.ensure_future(cache.connection_info())
+    await asyncio.sleep(0.05)
+    cache.close()
+    with pytest.raises(RefreshError, match="cache closed before the refresh completed"):
+        await waiter
+
+
+async def test_caches_of_one_instance_share_its_rate_limiter(ca, keys):
+    """A new cache after an eviction gets no fresh burst: the limiter is the instance's."""
+    limiter = RateLimiter()
+    client = ScriptedClient(ca, dt.timedelta(hours=1))
+    client.fail = True
+    for _ in range(2):
+        cache = RefreshAheadCache(URI, client, keys, Logger(quiet=True), limiter=limiter)
+        with pytest.raises(RefreshError):
+            await cache.connection_info()
+        cache.close()
+    assert limiter.wait_time() > 25  # the burst of two is spent

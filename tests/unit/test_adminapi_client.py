@@ -1,0 +1,68 @@
+"""The Admin API client's transport: a total deadline per request, and clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+
+from proxy import adminapi
+from proxy.adminapi import AdminAPIClient
+from proxy.config import parse_instance_uri
+from proxy.credentials import StaticTokenSource
+from proxy.errors import AdminAPIUnreachable
+
+URI = parse_instance_uri("projects/p/locations/r/clusters/c/instances/i")
+
+
+@pytest.fixture
+def trickling_server():
+    """Answers 200 with a body that comes one byte every 0.2 s, for a minute."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 300\r\n\r\n{")
+            for _ in range(300):
+                if stop.wait(0.2):
+                    return
+                try:
+                    conn.sendall(b" ")
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    listener.close()
+
+
+async def test_a_trickling_answer_hits_the_total_deadline(trickling_server, monkeypatch):
+    # Each byte comes well within the per-socket timeout; only a total deadline ends it.
+    monkeypatch.setattr(adminapi, "REQUEST_TIMEOUT", 1.0)
+    client = AdminAPIClient(trickling_server, StaticTokenSource("t"), "test-agent")
+    began = time.monotonic()
+    with pytest.raises(AdminAPIUnreachable, match="no answer within 1s"):
+        await asyncio.wait_for(client.connection_info(URI), 10)
+    assert time.monotonic() - began < 3
+    client.close()
+
+
+async def test_an_unreachable_endpoint_names_the_url_and_the_reason():
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = AdminAPIClient(f"http://127.0.0.1:{port}", StaticTokenSource("t"), "test-agent")
+    with pytest.raises(AdminAPIUnreachable) as caught:
+        await client.connection_info(URI)
+    assert str(caught.value) == (
+        f'GET "http://127.0.0.1:{port}/v1beta/{URI.name}/connectionInfo": connection refused'
+    )
+    client.close()
