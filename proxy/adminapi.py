@@ -8,8 +8,9 @@ at 60 s, within a 60 s deadline, with jitter).
 
 Each request has a total deadline (REQUEST_TIMEOUT), not only the per-socket
 timeout of ``requests``: a server that trickles its answer cannot hold a
-dial, nor (the body is read in pieces against the deadline) a worker thread.
-A request that gets no HTTP answer raises AdminAPIUnreachable.
+dial, nor, once the headers are in, a worker thread (the body is read against
+the deadline). Headers are bounded only per read, as ``requests`` does. A
+request that gets no HTTP answer raises AdminAPIUnreachable.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
+import urllib3
 
 from proxy import workers
 from proxy.config import InstanceURI
@@ -150,11 +152,30 @@ class AdminAPIClient:
         with self._session.request(
             method, url, headers=headers, data=data, timeout=REQUEST_TIMEOUT, stream=True
         ) as response:
+            raw = response.raw
+            # Each read waits at most until the deadline (the socket's timeout
+            # is cut to what is left) and returns what has arrived, so the
+            # deadline check runs even while the server trickles.
+            sock = getattr(getattr(raw, "connection", None), "sock", None)
+            read = getattr(raw, "read1", None) or raw.read
             body = bytearray()
-            for piece in response.iter_content(65536):
-                body += piece
-                if time.monotonic() > deadline:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     raise requests.Timeout(f"answer not complete after {REQUEST_TIMEOUT:g}s")
+                if sock is not None:
+                    sock.settimeout(left)
+                try:
+                    piece = read(65536, decode_content=True)
+                except (urllib3.exceptions.HTTPError, OSError) as exc:
+                    if time.monotonic() >= deadline:
+                        raise requests.Timeout(
+                            f"answer not complete after {REQUEST_TIMEOUT:g}s"
+                        ) from None
+                    raise requests.ConnectionError(str(exc)) from exc
+                if not piece:
+                    break
+                body += piece
                 if len(body) > MAX_RESPONSE:
                     raise requests.RequestException(f"answer larger than {MAX_RESPONSE} bytes")
             return response.status_code, bytes(body)

@@ -157,15 +157,22 @@ class _InstanceCache:
 
     async def _shared(self, task: asyncio.Task[ConnectionInfo]) -> ConnectionInfo:
         """Wait for a fetch others may share: shielded, so one caller's timeout
-        does not cancel it; one that ``close()`` cancelled becomes an error."""
+        does not cancel it; one that ``close()`` cancelled becomes an error
+        (unless the caller itself is being cancelled too)."""
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            if task.cancelled() and self._closed:
+            me = asyncio.current_task()
+            cancelling = getattr(me, "cancelling", None)  # 3.11+
+            if task.cancelled() and self._closed and not (cancelling and cancelling()):
                 raise RefreshError(
                     "connection info cache closed before the refresh completed", self._uri.short
                 ) from None
             raise
+
+
+#: A failed refresh older than this is not handed to a new caller: it asks again.
+STALE_FAILURE = 1.0
 
 
 class RefreshAheadCache(_InstanceCache):
@@ -192,8 +199,19 @@ class RefreshAheadCache(_InstanceCache):
         self._next_immediate = True
         self._next: asyncio.Task[ConnectionInfo] | None = self._schedule(0.0)
         self._current: asyncio.Task[ConnectionInfo] = self._next
+        self._failed_at = 0.0  # time.monotonic() of the failure callers get, if any
 
     async def connection_info(self) -> ConnectionInfo:
+        cur = self._current
+        if (
+            cur.done()
+            and not cur.cancelled()
+            and cur.exception() is not None
+            and time.monotonic() - self._failed_at > STALE_FAILURE
+        ):
+            # The failure is old (e.g. from a background refresh while idle):
+            # ask again rather than hand out an error the API may have outgrown.
+            self.force_refresh()
         return await self._shared(self._current)
 
     def _current_is_valid(self) -> bool:
@@ -253,6 +271,7 @@ class RefreshAheadCache(_InstanceCache):
                     # decides when the Admin API is asked again.
                     self._current = this  # type: ignore[assignment]
                     self._next = None
+                    self._failed_at = time.monotonic()
             raise
         self._log.debug(
             "[%s] Connection info refresh operation complete (type = refresh ahead)", short

@@ -103,8 +103,9 @@ class _RefreshingTokenSource:
     def __init__(self, origin: str) -> None:
         self.origin = origin
         self._lock = threading.Lock()  # one fetch at a time: prime() runs off the loop
-        self._cached: Token | None = None
-        self._margin = REFRESH_MARGIN.total_seconds()
+        # (token, refresh margin in seconds): one attribute, so the loop never
+        # pairs a token with another token's margin while a worker stores both.
+        self._cached: tuple[Token, float] | None = None
         self._refresh: asyncio.Task[Token] | None = None
         self._failures = 0
         self._retry_at = 0.0  # time.monotonic() before which no fetch starts
@@ -118,27 +119,32 @@ class _RefreshingTokenSource:
         with self._lock:
             token = self._fetch()
             lifetime = _seconds_left(token, _utcnow())
-            self._margin = REFRESH_MARGIN.total_seconds()
+            margin = REFRESH_MARGIN.total_seconds()
             if lifetime is not None:
-                self._margin = min(self._margin, max(lifetime, 0.0) / 2)
-            self._cached = token
+                margin = min(margin, max(lifetime, 0.0) / 2)
+            self._cached = (token, margin)
             return token
+
+    def cached(self) -> Token | None:
+        return self._cached[0] if self._cached else None
 
     def prime(self) -> Token:
         """Fetch once now (blocking), to fail fast at start-up."""
         return self.fetch_now()
 
     async def token(self) -> Token:
-        cached = self._cached
-        if cached is not None:
+        if self._cached is not None:
+            cached, margin = self._cached
             left = _seconds_left(cached, _utcnow())
-            if left is None or left > self._margin:
+            if left is None or left > margin:
                 return cached  # the common case: no thread hop, no task
-            if left > self._margin / 4:
+            if left > margin / 4:
                 self._start_refresh()  # due: refresh behind the caller's back
                 return cached
         if self._refresh is None and self._last_error and time.monotonic() < self._retry_at:
-            raise self._last_error  # backing off: no new request
+            # Backing off: the same error, no new request (and a fresh
+            # traceback, so repeated raises do not pile frames onto it).
+            raise self._last_error.with_traceback(None)
         # shield: one caller's timeout must not cancel the fetch others wait for.
         return await asyncio.shield(self._start_refresh(force=True))
 
@@ -153,16 +159,24 @@ class _RefreshingTokenSource:
     async def _refresh_once(self) -> Token:
         try:
             token = await workers.TOKENS.run(self.fetch_now)
-        except CredentialsError as exc:
+        except Exception as exc:
+            if isinstance(exc, CredentialsError):
+                error = exc
+            else:  # a library's own bug: still one clear error, still backed off
+                error = CredentialsError(
+                    f"failed to get an OAuth2 token ({self.origin}): {type(exc).__name__}: {exc}"
+                )
             self._failures += 1
             self._retry_at = time.monotonic() + min(BACKOFF_MAX, 2.0 ** (self._failures - 1))
-            self._last_error = exc
+            self._last_error = error
             get_logger().debug(
                 "Token refresh failed (%s); next attempt in %ds",
                 self.origin,
                 int(self._retry_at - time.monotonic()),
             )
-            raise
+            if error is exc:
+                raise
+            raise error from None
         finally:
             self._refresh = None
         self._failures = 0
@@ -233,7 +247,12 @@ class GcloudTokenSource(_RefreshingTokenSource):
     def _fetch(self) -> Token:
         try:
             result = subprocess.run(
-                self.command, capture_output=True, text=True, check=False, timeout=60
+                self.command,
+                capture_output=True,
+                text=True,
+                errors="replace",
+                check=False,
+                timeout=60,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise CredentialsError(f"error reading config: {exc}; stderr was:\n") from None
@@ -262,7 +281,7 @@ class GcloudTokenSource(_RefreshingTokenSource):
         class GcloudCredentials(google_credentials.Credentials):
             def __init__(self) -> None:
                 super().__init__()
-                cached = source._cached
+                cached = source.cached()
                 if cached is not None:
                     self.token, self.expiry = cached.value, cached.expiry
 

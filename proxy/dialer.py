@@ -105,10 +105,13 @@ class Dialer:
     def _remember(self, uri: InstanceURI, err: Exception) -> None:
         """Hold the failure, so a burst of connections makes no burst of requests."""
         previous = self._failures.get(uri)
-        in_a_row = previous.in_a_row + 1 if previous else 1
-        hold = FAILURE_HOLD
+        if previous is not None and previous.error is err:
+            return  # the same failed lookup, seen by another dial that waited for it
         status = getattr(err, "status", None) or 0
+        hold = FAILURE_HOLD
+        in_a_row = 0  # consecutive 429/5xx answers
         if status == 429 or status >= 500:
+            in_a_row = (previous.in_a_row if previous else 0) + 1
             hold = min(FAILURE_HOLD_MAX, FAILURE_HOLD * 2 ** (in_a_row - 1))
         limiter = self._limiters.get(uri)
         if limiter is not None:
@@ -132,7 +135,8 @@ class Dialer:
         short = uri.short
         remembered = self._remembered(uri) if uri not in self._caches else None
         if remembered is not None:
-            raise remembered
+            # A fresh traceback each time: re-raising one object would pile up frames.
+            raise remembered.with_traceback(None)
         cache = self._cache(uri)
         try:
             info = await cache.connection_info()

@@ -16,6 +16,7 @@ import datetime as dt
 import itertools
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
@@ -62,6 +63,7 @@ class IdentityFakes:
         self.sts_error: str | None = None
         self.log: list[tuple[str, str, dict[str, str], str]] = []
         self.issued: list[str] = []
+        self.expires: dict[str, float] = {}  # token -> UNIX time it expires
         self._counter = itertools.count(1)
         fakes = self
 
@@ -117,6 +119,7 @@ class IdentityFakes:
     def _token(self, kind: str, scope: str) -> str:
         token = f"{kind}|{_short(scope)}|{next(self._counter)}"
         self.issued.append(token)
+        self.expires[token] = time.time() + self.expires_in
         return token
 
     def _expiry(self) -> str:

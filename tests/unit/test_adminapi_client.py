@@ -24,8 +24,7 @@ def trickling_server():
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
-    def serve() -> None:
-        conn, _ = listener.accept()
+    def answer(conn: socket.socket) -> None:
         with conn:
             conn.recv(65536)
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 300\r\n\r\n{")
@@ -36,6 +35,14 @@ def trickling_server():
                     conn.sendall(b" ")
                 except OSError:
                     return
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -49,8 +56,13 @@ async def test_a_trickling_answer_hits_the_total_deadline(trickling_server, monk
     monkeypatch.setattr(adminapi, "REQUEST_TIMEOUT", 1.0)
     client = AdminAPIClient(trickling_server, StaticTokenSource("t"), "test-agent")
     began = time.monotonic()
-    with pytest.raises(AdminAPIUnreachable, match="no answer within 1s"):
+    with pytest.raises(AdminAPIUnreachable, match="no answer within 1s|not complete after 1s"):
         await asyncio.wait_for(client.connection_info(URI), 10)
+    assert time.monotonic() - began < 3
+    # The worker thread is not left reading the trickle either.
+    began = time.monotonic()
+    with pytest.raises(Exception, match="not complete"):
+        client._send("GET", trickling_server, {}, None, time.monotonic() + 1.0)
     assert time.monotonic() - began < 3
     client.close()
 

@@ -164,3 +164,20 @@ async def test_caches_of_one_instance_share_its_rate_limiter(ca, keys):
             await cache.connection_info()
         cache.close()
     assert limiter.wait_time() > 25  # the burst of two is spent
+
+
+async def test_an_old_failure_is_not_handed_to_the_next_caller(ca, keys):
+    """A refresh failed (say, in the background while nobody dialled) and the API has
+    recovered since: a caller soon after gets the failure, a later one a fresh fetch."""
+    client = ScriptedClient(ca, dt.timedelta(hours=1))
+    client.fail = True
+    cache = RefreshAheadCache(URI, client, keys, Logger(quiet=True))
+    with pytest.raises(RefreshError):
+        await cache.connection_info()
+    client.fail = False
+    with pytest.raises(RefreshError):  # within a second: the same failure, no request
+        await cache.connection_info()
+    assert client.cert_calls <= 1
+    await asyncio.sleep(1.1)
+    assert (await cache.connection_info()).addresses == {"PRIVATE": "10.0.0.2"}
+    cache.close()

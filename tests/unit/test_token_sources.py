@@ -98,3 +98,18 @@ async def test_a_caller_timing_out_does_not_cancel_the_shared_fetch():
     gate.set()
     assert (await waiter).value == "token-1"
     assert source.fetches == 1
+
+
+async def test_an_unexpected_exception_is_backed_off_too():
+    class Broken(ScriptedSource):
+        def _fetch(self) -> Token:
+            with self.count_lock:
+                self.fetches += 1
+            b"\xff".decode()  # e.g. a tool printing bytes that are not UTF-8
+            raise AssertionError("unreachable")
+
+    source = Broken(lifetime=3600)
+    for _ in range(5):
+        with pytest.raises(CredentialsError, match="UnicodeDecodeError"):
+            await source.token()
+    assert source.fetches == 1
