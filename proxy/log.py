@@ -15,6 +15,7 @@ format (the Go proxy replaces the structured logger in that case too).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -78,8 +79,33 @@ class Logger:
             if not line.endswith("\n"):
                 line += "\n"
         with self._lock:
-            stream.write(line)
+            try:
+                stream.write(line)
+                stream.flush()
+            except (OSError, ValueError):
+                self._write_failed(stream)
+
+    @staticmethod
+    def _write_failed(stream: TextIO) -> None:
+        """A log line that cannot be written is dropped, as Go's log package does:
+        logging must never stop a connection. When the reader of a pipe has gone
+        (EPIPE, permanent), the stream is pointed at /dev/null, so the bytes left
+        in its buffer cannot fail again at exit (Python would exit 120)."""
+        try:
             stream.flush()
+            return  # it was a passing error, and the buffer got out
+        except (OSError, ValueError) as exc:
+            if not isinstance(exc, BrokenPipeError):
+                return
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, stream.fileno())
+            finally:
+                os.close(null)
+            stream.flush()
+        except (OSError, ValueError):
+            pass
 
     @property
     def stdout(self) -> TextIO:

@@ -264,12 +264,9 @@ class ProxyServer:
                 return
             if metrics is not None:
                 metrics.dial_failures[inst.uri.name] += 1
-            if isinstance(exc, TimeoutError):
-                exc = TimeoutError(
-                    f"dial error: context was canceled or expired before refresh completed "
-                    f'(instance URI = "{short}")'
-                )
-            self._log.error("[%s] failed to connect to instance: %s\n", short, exc)
+            self._log.error(
+                "[%s] failed to connect to instance: %s\n", short, _dial_failure(exc, short)
+            )
             return
 
         if metrics is not None:
@@ -277,6 +274,8 @@ class ProxyServer:
             metrics.connection_opened(short)
 
         def done(kind: int, message: str) -> None:
+            # Counted out first: nothing below may keep the count up.
+            self._count(-1)
             self._splices.pop(splice, None)
             if metrics is not None:
                 metrics.connection_closed(
@@ -288,15 +287,14 @@ class ProxyServer:
                     self._log.error("[%s] %s%s", short, line, message)
                 else:
                     self._log.info("[%s] %s", short, line)
-            self._count(-1)
 
         try:
             splice = _splice.Splice(client.detach(), conn, done, HALF_CLOSE_LINGER)
             splice.start(asyncio.get_running_loop())
         except Exception as exc:
             # Splice closes both fds when it cannot take or start them.
-            conn.close()
             self._count(-1)
+            conn.close()
             if metrics is not None:
                 metrics.connection_closed(short, 0, 0)
             self._log.error("[%s] failed to start the connection: %s", short, exc)
@@ -325,9 +323,20 @@ class ProxyServer:
             try:
                 conn = await asyncio.wait_for(self._dialer.dial(inst), DIAL_TIMEOUT)
             except Exception as exc:
-                return str(exc)
+                return str(_dial_failure(exc, inst.uri.short))
             conn.close()
             return ""
 
         results = await asyncio.gather(*(check(inst) for inst in self._cfg.instances))
         return [r for r in results if r]
+
+
+def _dial_failure(exc: BaseException, short: str) -> BaseException | str:
+    """What to report for a failed dial: never an empty text (``str(TimeoutError())``
+    is empty, which once let a timed-out connection test pass)."""
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):  # two classes before 3.11
+        return (
+            "dial error: context was canceled or expired before refresh completed "
+            f'(instance URI = "{short}")'
+        )
+    return exc if str(exc) else type(exc).__name__

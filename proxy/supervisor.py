@@ -14,7 +14,9 @@ import contextlib
 import enum
 import signal
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from proxy import __version__, sdnotify, staticinfo, workers
 from proxy.adminapi import AdminAPIClient
@@ -37,6 +39,8 @@ from proxy.metrics import Metrics
 from proxy.profiling import debug_routes
 from proxy.server import ProxyServer
 from proxy.settings import format_go_duration
+
+T = TypeVar("T")
 
 READY_LINE = "The proxy has started successfully and is ready for new connections!"
 
@@ -79,14 +83,25 @@ class Supervisor:
             self._stop.set()
 
     async def run(self) -> Outcome:
+        """Run until stopped. SIGINT and SIGTERM are ignored from then on, to the
+        end of the process: a second signal during cleanup changes nothing.
+
+        Plain ``signal.signal`` handlers rather than ``loop.add_signal_handler``:
+        closing the loop would put the default handlers back, and a signal in
+        that window would kill the process or raise KeyboardInterrupt.
+        """
         loop = asyncio.get_running_loop()
+
+        def on_signal(number: int, _frame: object) -> None:
+            loop.call_soon_threadsafe(self._on_signal, signal.Signals(number))
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._on_signal, sig)
+            signal.signal(sig, on_signal)
         try:
             return await self._run()
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_IGN)
 
     async def _run(self) -> Outcome:
         log = self._log
@@ -94,8 +109,11 @@ class Supervisor:
         stop_wait = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait({startup, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         if not startup.done():
+            # Start-up may be waiting for gcloud or a token endpoint; those
+            # calls run on daemon threads and are left behind.
             startup.cancel()
             await asyncio.gather(startup, return_exceptions=True)
+            self._notify("STOPPING=1", "termination")
             name = self._signal.name if self._signal else "SIGTERM"
             return self._signal_exit(f"{name} signal received")
         stop_wait.cancel()
@@ -115,7 +133,9 @@ class Supervisor:
                 return Outcome(Exit.ERROR, f"failed to start HTTP server: {exc}")
             if self._cfg.run_connection_test:
                 log.info("Connection test started")
-                errors = await server.connection_test()
+                errors = await self._until_stopped(server.connection_test())
+                if errors is None:  # a signal or /quitquitquit came first
+                    return await self._shut_down(server, dialer, client)
                 if errors:
                     log.error("Connection test failed")
                     return Outcome(Exit.ERROR, ", ".join(errors))
@@ -130,6 +150,18 @@ class Supervisor:
             # On every way out (a failed HTTP server or connection test too):
             # a socket file left behind would make the next start fail.
             server.close_listeners()
+
+    async def _until_stopped(self, work: Awaitable[T]) -> T | None:
+        """``work``'s result, or None (``work`` cancelled) if the proxy is told to stop first."""
+        job = asyncio.ensure_future(work)
+        stop_wait = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({job, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        if job.done():
+            return job.result()
+        job.cancel()
+        await asyncio.gather(job, return_exceptions=True)
+        return None
 
     async def _start_http(self, server: ProxyServer, started: list[HTTPServer]) -> None:
         cfg, log = self._cfg, self._log
@@ -213,8 +245,10 @@ class Supervisor:
         return Outcome(Exit.OK if cfg.exit_zero_sigterm else Exit.SIGTERM)
 
     def _signal_exit(self, message: str) -> Outcome:
-        code = Exit.SIGINT if self._signal == signal.SIGINT else Exit.SIGTERM
-        return Outcome(code, message)
+        """A signal during start-up: the Go proxy's terminal-error line and exit code."""
+        if self._signal == signal.SIGINT:
+            return Outcome(Exit.SIGINT, message)
+        return Outcome(Exit.OK if self._cfg.exit_zero_sigterm else Exit.SIGTERM, message)
 
     async def _start(self) -> tuple[ProxyServer, Dialer, AdminAPIClient]:
         cfg, log = self._cfg, self._log
