@@ -89,8 +89,10 @@ class _CobraStyleCommand(click.Command):
             fail(f"unknown flag: {exc.option_name}")
         except click.UsageError as exc:
             fail(exc.format_message())
-        except click.exceptions.Abort:
-            sys.exit(1)
+        except click.exceptions.Abort as exc:
+            # Ctrl-C before the proxy's own handlers are in place: SIGINT's code.
+            cause = exc.__cause__ or exc.__context__
+            sys.exit(130 if isinstance(cause, KeyboardInterrupt) else 1)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
 

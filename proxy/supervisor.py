@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import enum
 import signal
+import socket
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -88,13 +89,26 @@ class Supervisor:
 
         Plain ``signal.signal`` handlers rather than ``loop.add_signal_handler``:
         closing the loop would put the default handlers back, and a signal in
-        that window would kill the process or raise KeyboardInterrupt.
+        that window would kill the process or raise KeyboardInterrupt. A
+        Python handler runs only when the main thread runs Python code, so a
+        wakeup socket the loop watches makes sure it does, whichever thread
+        the signal landed on (uvloop has its own; plain asyncio has none).
         """
         loop = asyncio.get_running_loop()
 
         def on_signal(number: int, _frame: object) -> None:
             loop.call_soon_threadsafe(self._on_signal, signal.Signals(number))
 
+        wake_read, wake_write = socket.socketpair()
+        wake_read.setblocking(False)
+        wake_write.setblocking(False)
+
+        def drain() -> None:
+            with contextlib.suppress(OSError):
+                wake_read.recv(4096)
+
+        loop.add_reader(wake_read.fileno(), drain)
+        previous = signal.set_wakeup_fd(wake_write.fileno(), warn_on_full_buffer=False)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
         try:
@@ -102,6 +116,10 @@ class Supervisor:
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)
+            signal.set_wakeup_fd(previous)
+            loop.remove_reader(wake_read.fileno())
+            wake_read.close()
+            wake_write.close()
 
     async def _run(self) -> Outcome:
         log = self._log
@@ -226,7 +244,7 @@ class Supervisor:
         # On a thread of its own, and never waited for long: a request stuck
         # in the Admin API must not hold the shutdown.
         with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError on 3.10
-            await asyncio.wait_for(workers.SHUTDOWN.run(client.close), 2.0)
+            await asyncio.wait_for(workers.SHUTDOWN.run(client.close), 1.0)
         if cfg.max_sigterm_delay > 0:
             deadline = time.monotonic() + cfg.max_sigterm_delay
             while server.connection_count and time.monotonic() < deadline:

@@ -26,6 +26,14 @@ def proxy_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "proxy"]
 
 
+#: The CLI on plain asyncio, as where uvloop is not installed.
+WITHOUT_UVLOOP = [
+    sys.executable,
+    "-c",
+    "import sys; sys.modules['uvloop'] = None; from proxy.cli import main; main()",
+]
+
+
 def free_port_block(count: int, host: str = "127.0.0.1") -> int:
     """First port of ``count`` consecutive ports that are free right now."""
     for _ in range(200):
@@ -57,6 +65,7 @@ class ProxyProcess:
         env: dict[str, str] | None = None,
         prefix: list[str] | None = None,
         cwd: str | None = None,
+        command: list[str] | None = None,
     ) -> None:
         full_env = dict(os.environ)
         # Never reach Google from tests, whatever the machine has configured.
@@ -64,7 +73,7 @@ class ProxyProcess:
         full_env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
         if env:
             full_env.update(env)
-        self.argv = [*(prefix or []), *proxy_command(), *args]
+        self.argv = [*(prefix or []), *(command or proxy_command()), *args]
         self.proc = subprocess.Popen(
             self.argv,
             stdout=subprocess.PIPE,

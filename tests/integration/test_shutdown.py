@@ -7,6 +7,8 @@ test, signals repeated during cleanup, and a log reader that went away.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import re
 import signal
 import socket
@@ -16,7 +18,7 @@ import time
 import pytest
 
 from .conftest import URI, http_get, psql
-from .proxyproc import READY, ProxyProcess, free_port_block, proxy_command
+from .proxyproc import READY, WITHOUT_UVLOOP, ProxyProcess, free_port_block, proxy_command
 from .test_credentials import fake_gcloud
 
 SHORT = "project-id.us-central1.clust.inst"
@@ -87,6 +89,37 @@ def test_sigterm_during_a_slow_credential_lookup(emulator, ports, tmp_path):
     assert "SIGTERM signal received" in proc.output
 
 
+def tgkill(pid: int, tid: int, sig: int) -> None:
+    """Send ``sig`` to one thread of another process (Linux x86_64/arm64 syscall numbers)."""
+    number = {"x86_64": 234, "aarch64": 131}[os.uname().machine]
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(number, pid, tid, sig) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill")
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_signal_that_lands_on_a_worker_thread_is_seen_at_once(emulator, ports, tmp_path, loop):
+    """Linux may deliver a process signal to any thread; the handler must still run."""
+    env = fake_gcloud(tmp_path, "sleep 8\n")
+    args = proxy_args(emulator, ports, "--gcloud-auth")
+    args.remove("--token")
+    args.remove("tok-app")
+    command = WITHOUT_UVLOOP if loop == "asyncio" else None
+    with ProxyProcess(args, env=env, command=command) as proc:
+        proc.wait_for("Authorizing with gcloud user credentials")
+        time.sleep(0.5)
+        pid = proc.proc.pid
+        workers = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+        assert workers, "no worker thread to signal"
+        began = time.monotonic()
+        tgkill(pid, workers[-1], signal.SIGTERM)
+        code = proc.wait_exit(30)
+        took = time.monotonic() - began
+    assert code == 143, proc.output
+    assert took < 2.0, f"exit took {took:.1f}s"
+    assert "terminal error: SIGTERM signal received" in proc.output
+
+
 def test_sigterm_during_start_up_honours_exit_zero_and_notifies_systemd(emulator, ports, tmp_path):
     env = fake_gcloud(tmp_path, "sleep 8\n")
     args = proxy_args(emulator, ports, "--gcloud-auth", "--exit-zero-sigterm")
@@ -98,8 +131,10 @@ def test_sigterm_during_start_up_honours_exit_zero_and_notifies_systemd(emulator
         systemd.settimeout(10)
         with ProxyProcess(args, env={**env, "NOTIFY_SOCKET": path}) as proc:
             proc.wait_for("Authorizing with gcloud user credentials")
-            code, _ = timed_stop(proc)
+            code, took = timed_stop(proc)
         assert code == 0
+        assert took < 2.0, f"exit took {took:.1f}s"
+        assert "The proxy has encountered a terminal error: SIGTERM signal received" in proc.output
         assert systemd.recv(100) == b"STOPPING=1"
 
 
@@ -181,3 +216,14 @@ def test_a_broken_stdout_blocks_nothing(emulator, ports):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_ctrl_c_at_any_point_of_start_up_exits_as_sigint(emulator, ports):
+    """Before the proxy's handlers are in place Python raises KeyboardInterrupt; that
+    must still end as SIGINT (130, or death by the signal), never as a silent exit 1."""
+    for delay in (0.05, 0.15, 0.3):
+        with ProxyProcess(proxy_args(emulator, ports)) as proc:
+            time.sleep(delay)
+            proc.proc.send_signal(signal.SIGINT)
+            code = proc.wait_exit(20)
+        assert code in (130, -signal.SIGINT), (delay, code, proc.output)
