@@ -192,7 +192,12 @@ class AdminAPIClient:
             return body
         if isinstance(body, dict) and isinstance(body.get("error"), dict):
             err = body["error"]
-            raise AdminAPIError(status, str(err.get("message", "")), str(err.get("status", "")))
+            raise AdminAPIError(
+                status,
+                str(err.get("message", "")),
+                str(err.get("status", "")),
+                codes=_error_codes(err),
+            )
         text = raw.decode("utf-8", "replace").strip()[:200]
         raise AdminAPIError(status, text or "no error body")
 
@@ -224,6 +229,23 @@ def _checked_dns_name(body: dict[str, Any], field: str) -> str:
     if value and not _DNS_NAME.fullmatch(value):
         raise AdminAPIError(200, f"connectionInfo has an invalid {field}: {value!r}")
     return value
+
+
+def _error_codes(error: dict[str, Any]) -> str:
+    """The error's machine-readable reasons, comma-joined, for the refresh-failure
+    metric: the ErrorInfo details' reasons, else the legacy ``errors`` array's."""
+    reasons: list[str] = []
+    for source in ("details", "errors"):
+        items = error.get(source)
+        if isinstance(items, list):
+            reasons = [
+                str(item["reason"])
+                for item in items
+                if isinstance(item, dict) and isinstance(item.get("reason"), str)
+            ]
+        if reasons:
+            break
+    return ",".join(reasons)
 
 
 def _reason(exc: requests.RequestException) -> str:

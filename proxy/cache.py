@@ -75,7 +75,7 @@ async def fetch_connection_info(
                 uri.short,
                 _with_hint(exc),
                 status=getattr(exc, "status", None),
-                reason=getattr(exc, "reason", ""),
+                reason=getattr(exc, "codes", ""),
             ) from exc
         raise
     try:
@@ -86,7 +86,7 @@ async def fetch_connection_info(
             uri.short,
             _with_hint(exc),
             status=getattr(exc, "status", None),
-            reason=getattr(exc, "reason", ""),
+            reason=getattr(exc, "codes", ""),
         ) from exc
     if not addresses.as_map():
         raise ConfigError(

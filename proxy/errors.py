@@ -83,10 +83,11 @@ class MetadataExchangeError(ProxyError):
 class AdminAPIError(ProxyError):
     """A non-2xx answer from the Admin API, formatted like Go's ``googleapi.Error``."""
 
-    def __init__(self, status: int, message: str, reason: str = ""):
+    def __init__(self, status: int, message: str, reason: str = "", *, codes: str = ""):
         self.status = status
         self.api_message = message
         self.reason = reason
+        self.codes = codes or reason  # the error's reasons (ErrorInfo), for metrics
         text = f"googleapi: Error {status}: {message}"
         if reason:
             text += f", {reason}"

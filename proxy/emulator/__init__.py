@@ -16,10 +16,11 @@ The ``alloydb-emulator`` command runs the same from a shell.
 """
 
 from proxy.emulator.adminapi import AdminRequest
-from proxy.emulator.emulator import Emulator, Principal
+from proxy.emulator.emulator import Emulator
 from proxy.emulator.faults import Faults
 from proxy.emulator.instance import Instance, db_user_for
 from proxy.emulator.pgcluster import PostgresCluster
+from proxy.emulator.principals import Principal
 
 __all__ = [
     "AdminRequest",

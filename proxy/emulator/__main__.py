@@ -51,9 +51,10 @@ from typing import Any
 
 import click
 
-from proxy.emulator.emulator import Emulator, Principal
+from proxy.emulator.emulator import Emulator
 from proxy.emulator.instance import db_user_for
 from proxy.emulator.pgcluster import PostgresCluster, quote_ident
+from proxy.emulator.principals import Principal
 
 
 def _split_token(value: str) -> tuple[str, str]:

@@ -8,9 +8,15 @@ Control routes, for fault switches from outside the process (no token needed):
   POST /emulator/v1/faults    JSON object of switches (see faults.py); ``"instance": URI``
                               targets one instance, ``"clear": true`` resets first
   GET  /emulator/v1/requests  the Admin API request log and the metadata exchanges
-Errors use Google's JSON error body. Requests need ``Authorization: Bearer``
-with a known token whose principal may connect (any token when the emulator
-was given ``tokens=None``). Connections are kept alive between requests.
+Errors use Google's JSON error body, with an ErrorInfo in ``details`` as the
+service sends it. Requests need ``Authorization: Bearer`` with a known,
+unexpired token that has the cloud-platform scope and whose principal may
+connect (any non-empty token when the emulator was given ``tokens=None``).
+An encoded slash (``%2F``) in a path is not a separator. ``v1`` answers without
+``pscDnsName``, as that API version has no such field. Request bodies are
+checked as the service checks them: JSON content type, known fields only,
+typed values, one PEM RSA key of at least 2048 bits with exponent 65537,
+``certDuration`` within 1-24 h. Connections are kept alive between requests.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from urllib.parse import unquote
 
 from proxy.emulator.faults import Faults
 from proxy.emulator.pki import load_public_key
+from proxy.emulator.principals import CLOUD_PLATFORM
 
 if TYPE_CHECKING:
     from proxy.emulator.emulator import Emulator
@@ -69,10 +76,18 @@ class AdminRequest:
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        reason: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.reason = reason  # the ErrorInfo reason in ``details``
+        self.headers = headers or {}
 
 
 def _phrase(status: int) -> str:
@@ -82,20 +97,82 @@ def _phrase(status: int) -> str:
         return "Unknown"
 
 
-def error_body(status: int, message: str) -> dict[str, Any]:
-    """Google's JSON error envelope."""
+def error_body(status: int, message: str, reason: str | None = None) -> dict[str, Any]:
+    """Google's JSON error envelope; with a reason, the ErrorInfo detail too."""
     name = _STATUS_NAMES.get(status) or _phrase(status).upper().replace(" ", "_")
-    return {"error": {"code": status, "message": message, "status": name}}
+    error: dict[str, Any] = {"code": status, "message": message, "status": name}
+    if reason:
+        error["details"] = [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": reason,
+                "domain": "googleapis.com",
+                "metadata": {"service": "alloydb.googleapis.com"},
+            }
+        ]
+    return {"error": error}
+
+
+def _decoded_path(target: str) -> str:
+    """The path without its query, percent-decoded except for ``%2F``: an encoded
+    slash is part of a name, never a separator."""
+    path = target.split("?", 1)[0]
+    return unquote(re.sub("%2[Ff]", "%252F", path))
 
 
 def parse_duration(text: Any) -> dt.timedelta:
-    """A protobuf Duration in JSON (``"3600s"``), clamped to 1-24 h; absent = 1 h."""
+    """A protobuf Duration in JSON (``"3600s"``) within 1-24 h; absent = 1 h."""
     if text is None:
         return dt.timedelta(seconds=_MIN_CERT)
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)s", str(text))
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)s", text) if isinstance(text, str) else None
     if not match:
-        raise HttpError(400, f"invalid value at 'cert_duration': \"{text}\"")
-    return dt.timedelta(seconds=min(max(float(match.group(1)), _MIN_CERT), _MAX_CERT))
+        raise HttpError(
+            400,
+            f"Invalid value at 'cert_duration' (type.googleapis.com/google.protobuf.Duration), {json.dumps(text)}",
+        )
+    seconds = float(match.group(1))
+    if not _MIN_CERT <= seconds <= _MAX_CERT:
+        raise HttpError(400, f"cert_duration must be between 1h and 24h, got {text}")
+    return dt.timedelta(seconds=seconds)
+
+
+#: generateClientCertificate's request fields, as JSON names and proto names.
+_CERT_FIELDS = {
+    "parent": "parent",
+    "requestId": "request_id",
+    "pemCsr": "pem_csr",
+    "certDuration": "cert_duration",
+    "publicKey": "public_key",
+    "useMetadataExchange": "use_metadata_exchange",
+}
+_PEM_BLOCK = re.compile(
+    r"\s*-----BEGIN (RSA )?PUBLIC KEY-----\r?\n[A-Za-z0-9+/=\r\n]+-----END \1?PUBLIC KEY-----\s*"
+)
+
+
+def _certificate_request(body: dict[str, Any]) -> dict[str, Any]:
+    """The body under its JSON names, refused as the service refuses it."""
+    by_proto = {proto: name for name, proto in _CERT_FIELDS.items()}
+    out: dict[str, Any] = {}
+    for key, value in body.items():
+        name = key if key in _CERT_FIELDS else by_proto.get(key)
+        if name is None:
+            raise HttpError(
+                400, f'Invalid JSON payload received. Unknown name "{key}": Cannot find field.'
+            )
+        out[name] = value
+    flag = out.get("useMetadataExchange", False)
+    if not isinstance(flag, bool):
+        raise HttpError(
+            400, f"Invalid value at 'use_metadata_exchange' (TYPE_BOOL), {json.dumps(flag)}"
+        )
+    for name in ("parent", "requestId", "pemCsr", "publicKey"):
+        if name in out and not isinstance(out[name], str):
+            raise HttpError(
+                400,
+                f"Invalid value at '{_CERT_FIELDS[name]}' (TYPE_STRING), {json.dumps(out[name])}",
+            )
+    return out
 
 
 async def _read_request(
@@ -172,9 +249,14 @@ class AdminAPIServer:
                     if request is None:
                         return
                     method, target, headers, raw = request
-                    status, body = await self._handle(
-                        method, unquote(target.split("?", 1)[0]), headers, raw
-                    )
+                    extra: dict[str, str] = {}
+                    try:
+                        status, body = await self._handle(
+                            method, _decoded_path(target), headers, raw
+                        )
+                    except HttpError as exc:  # an API error: the connection stays usable
+                        status, body = exc.status, error_body(exc.status, exc.message, exc.reason)
+                        extra = exc.headers
                     keep_alive = headers.get("connection", "").lower() != "close" and (
                         headers["_version"] != "HTTP/1.0"
                         or headers.get("connection", "").lower() == "keep-alive"
@@ -186,16 +268,16 @@ class AdminAPIServer:
                         error_body(exc.status, exc.message),
                         False,
                     )
+                    extra = {}
                 payload = json.dumps(body).encode()
-                writer.write(
+                head = (
                     f"HTTP/1.1 {status} {_phrase(status)}\r\n"
                     "Content-Type: application/json; charset=UTF-8\r\n"
-                    f"Content-Length: {len(payload)}\r\n"
-                    f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n".encode(
-                        "latin-1"
-                    )
-                    + payload
+                    + "".join(f"{k}: {v}\r\n" for k, v in extra.items())
+                    + f"Content-Length: {len(payload)}\r\n"
+                    f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
                 )
+                writer.write(head.encode("latin-1") + payload)
                 await writer.drain()
                 if not keep_alive:
                     return
@@ -238,36 +320,48 @@ class AdminAPIServer:
         info = _CONNECTION_INFO.match(path)
         cert = _CLIENT_CERT.match(path)
         if info and method == "GET":
-            kind, name = "connectionInfo", info.group(2)
+            kind, version, name = "connectionInfo", info.group(1), info.group(2)
             scoped = [emu.instances[name]] if name in emu.instances else []
         elif cert and method == "POST":
-            kind, name = "generateClientCertificate", cert.group(2)
+            kind, version, name = "generateClientCertificate", cert.group(1), cert.group(2)
             scoped = [i for i in list(emu.instances.values()) if i.cluster == name]
         else:
             return 404, error_body(404, f"method {method} {path} not found")
 
-        try:
-            self._authorize(token)
-            latency = max([emu.faults.admin_latency] + [i.faults.admin_latency for i in scoped])
-            if latency:
-                await asyncio.sleep(latency)
-            forced = self._forced_status(kind, scoped)
-            if forced is not None:
-                raise HttpError(forced, f"injected fault: {_phrase(forced)}")
-            if bad_json:
-                raise HttpError(400, "invalid JSON payload received")
-            if kind == "connectionInfo":
-                return 200, self._connection_info(name)
-            return 200, await self._client_certificate(name, body or {}, scoped)
-        except HttpError as exc:
-            return exc.status, error_body(exc.status, exc.message)
+        self._authorize(token)
+        latency = max([emu.faults.admin_latency] + [i.faults.admin_latency for i in scoped])
+        if latency:
+            await asyncio.sleep(latency)
+        self._raise_forced_status(kind, scoped)
+        if kind == "connectionInfo":
+            return 200, self._connection_info(name, version)
+        kind_header = headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind_header != "application/json":
+            raise HttpError(
+                400,
+                "Invalid JSON payload received. The request's Content-Type must be "
+                f"application/json, not {kind_header or 'absent'}.",
+            )
+        if bad_json:
+            raise HttpError(400, "Invalid JSON payload received.")
+        return 200, await self._client_certificate(name, body or {}, scoped)
 
-    def _forced_status(self, kind: str, scoped: list[Instance]) -> int | None:
+    def _raise_forced_status(self, kind: str, scoped: list[Instance]) -> None:
+        """The status a fault switch injects, as the service would word it."""
         for faults in [i.faults for i in scoped] + [self.emu.faults]:
             status = faults.take_admin_status(kind)
-            if status is not None:
-                return status
-        return None
+            if status is None:
+                continue
+            if status == 429:
+                retry_after = faults.admin_retry_after
+                raise HttpError(
+                    429,
+                    "Quota exceeded for quota metric 'Requests' and limit 'Requests per "
+                    "minute' of service 'alloydb.googleapis.com'.",
+                    "RATE_LIMIT_EXCEEDED",
+                    {"Retry-After": str(retry_after)} if retry_after is not None else None,
+                )
+            raise HttpError(status, f"injected fault: {_phrase(status)}")
 
     def _control(
         self, method: str, path: str, body: dict[str, Any] | None, bad_json: bool
@@ -316,30 +410,48 @@ class AdminAPIServer:
             raise HttpError(
                 401,
                 "Request is missing required authentication credential. "
-                "Expected OAuth 2 access token.",
+                "Expected OAuth 2 access token, login cookie or other valid authentication "
+                "credential.",
+                "CREDENTIALS_MISSING",
             )
         tokens = self.emu.tokens
         if tokens is None:
             return
         principal = tokens.get(token)
-        if principal is None:
-            raise HttpError(401, "Request had invalid authentication credentials.")
+        if principal is None or principal.expired():
+            raise HttpError(
+                401,
+                "Request had invalid authentication credentials. Expected OAuth 2 access "
+                "token, login cookie or other valid authentication credential.",
+                "ACCESS_TOKEN_EXPIRED"
+                if principal is not None
+                else "ACCESS_TOKEN_TYPE_UNSUPPORTED",
+            )
+        if CLOUD_PLATFORM not in principal.scopes:
+            raise HttpError(
+                403,
+                "Request had insufficient authentication scopes.",
+                "ACCESS_TOKEN_SCOPE_INSUFFICIENT",
+            )
         if not principal.can_connect:
-            raise HttpError(403, f"Permission denied for {principal.email} (or it may not exist).")
+            raise HttpError(
+                403,
+                f"Permission denied for {principal.email} (or it may not exist).",
+                "IAM_PERMISSION_DENIED",
+            )
 
-    def _connection_info(self, name: str) -> dict[str, Any]:
+    def _connection_info(self, name: str, version: str) -> dict[str, Any]:
         inst = self.emu.instances.get(name)
         if inst is None:
             raise HttpError(404, f"Resource '{name}' was not found")
         faults = (inst.faults, self.emu.faults)
-        out: dict[str, Any] = {
-            "name": f"{name}/connectionInfo",
-            "ipAddress": inst.private_ip,
-            "instanceUid": inst.uid,
-        }
+        out: dict[str, Any] = {"name": f"{name}/connectionInfo", "instanceUid": inst.uid}
+        if inst.private_ip and not any(f.no_private_ip for f in faults):
+            out["ipAddress"] = inst.private_ip
         if inst.public_ip and not any(f.no_public_ip for f in faults):
             out["publicIpAddress"] = inst.public_ip
-        if inst.psc_dns_name and not any(f.no_psc for f in faults):
+        # v1's ConnectionInfo has no pscDnsName field.
+        if version != "v1" and inst.psc_dns_name and not any(f.no_psc for f in faults):
             out["pscDnsName"] = inst.psc_dns_name + "."
         return out
 
@@ -349,13 +461,23 @@ class AdminAPIServer:
         ca = self.emu.clusters.get(cluster)
         if ca is None:
             raise HttpError(404, f"Resource '{cluster}' was not found")
+        body = _certificate_request(body)
         parent = body.get("parent")
         if parent not in (None, "", cluster):
             raise HttpError(400, f"parent {parent!r} does not match the URL")
+        text = body.get("publicKey", "")
+        if not _PEM_BLOCK.fullmatch(text):
+            raise HttpError(400, "invalid public key: expected one PEM public key block")
         try:
-            public_key = load_public_key(str(body.get("publicKey", "")))
+            public_key = load_public_key(text)
         except (ValueError, TypeError) as exc:
             raise HttpError(400, f"invalid public key: {exc}") from None
+        numbers = public_key.public_numbers()
+        if public_key.key_size < 2048 or numbers.e != 65537:
+            raise HttpError(
+                400,
+                "invalid public key: RSA keys must have at least 2048 bits and exponent 65537",
+            )
         lifetime = parse_duration(body.get("certDuration"))
         overrides = [i.faults.cert_lifetime for i in scoped] + [self.emu.faults.cert_lifetime]
         override = next((s for s in overrides if s is not None), None)

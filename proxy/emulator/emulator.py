@@ -17,7 +17,6 @@ import socket
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from proxy import mdx
@@ -25,6 +24,7 @@ from proxy.emulator.adminapi import AdminAPIServer, AdminRequest
 from proxy.emulator.faults import Faults
 from proxy.emulator.instance import PORT, Instance, InstanceServer
 from proxy.emulator.pki import ClusterCA, key_pem, pem
+from proxy.emulator.principals import Principal
 
 T = TypeVar("T")
 
@@ -47,14 +47,6 @@ def foreign_ca() -> ClusterCA:
         if _foreign_ca is None:
             _foreign_ca = ClusterCA("projects/unknown/locations/x/clusters/unknown-ca")
         return _foreign_ca
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who a token stands for; ``can_connect`` = has alloydb.instances.connect."""
-
-    email: str
-    can_connect: bool = True
 
 
 def _port_free(ip: str) -> bool:
@@ -96,8 +88,9 @@ class BoundedLog(list[T]):
 class Emulator:
     """Admin API plus one mTLS server per instance, in front of one PostgreSQL.
 
-    ``tokens`` maps bearer tokens to principals; ``None`` accepts any token
-    (then the principal is unknown and AUTO_IAM is refused at the exchange).
+    ``tokens`` maps bearer tokens to principals; ``None`` accepts any
+    non-empty token (a demo mode: the principal is unknown, so automatic IAM
+    login is refused at the exchange).
     It may be replaced at run time. Logs for tests: ``admin_requests``
     (AdminRequest), ``mdx_requests`` ((instance URI, MdxRequest)) and
     ``connections`` ((instance URI, local IP reached) per TLS session), each
@@ -171,10 +164,28 @@ class Emulator:
                 raise
         return inst
 
+    def rotate_server_certificate(self, uri: str, *, new_ca: bool = False) -> None:
+        """Give the instance a new server certificate while proxies run. With
+        ``new_ca`` its cluster gets a new CA too: connectionInfo's caCert and new
+        client certificates follow it, and certificates issued before are refused.
+        Sessions of the old identity cannot be resumed."""
+        inst = self.instances[uri]
+        targets = [inst]
+        if new_ca:
+            ca = ClusterCA(inst.cluster)
+            self.clusters[inst.cluster] = ca
+            targets = [i for i in list(self.instances.values()) if i.cluster == inst.cluster]
+            for member in targets:
+                member.ca = ca
+        for member in targets:
+            server = self._servers.get(member.uri)
+            if server is not None:
+                server.rebuild()
+
     def server_identity(self, inst: Instance) -> tuple[str, bytes]:
         """A server certificate chain (PEM) and key (PKCS#8 PEM) valid for the instance."""
         dns = [inst.psc_dns_name] if inst.psc_dns_name else []
-        cert, key = inst.ca.server_certificate(inst.ips, dns, inst.uid)
+        cert, key = inst.ca.server_certificate(inst.certificate_ips, dns, inst.uid)
         return pem(cert) + inst.ca.root_pem, key_pem(key)
 
     def hosts_entries(self) -> list[str]:

@@ -11,8 +11,10 @@ Admin API:
   admin_status          HTTP status to answer instead of the real response (403, 404, 503, any)
   admin_status_count    answer it only this many times, then behave (None = until cleared)
   admin_status_method   "connectionInfo", "generateClientCertificate" or None for both
+  admin_retry_after     with admin_status 429: the Retry-After header's seconds (None = no header)
   admin_latency         seconds to wait before answering
   cert_lifetime         seconds the issued client certificates live (None = as requested)
+  no_private_ip         connectionInfo omits ipAddress (a PSC-only or public-only instance)
   no_public_ip          connectionInfo omits publicIpAddress
   no_psc                connectionInfo omits pscDnsName
 Instance server (port 5433):
@@ -20,6 +22,7 @@ Instance server (port 5433):
   close_during_mdx      abort the connection after reading the exchange request, before answering
   wrong_san             present a certificate (valid chain) whose SAN is another IP
   unknown_ca            present a certificate signed by a CA the client does not trust
+  no_session_resumption issue no TLS session tickets, so every handshake is a full one
   reject_client_certs   refuse every client certificate (an "unknown ca" alert; under
                         TLS 1.3 the client sees it on its first read)
   reset_after_bytes     reset (RST) the connection after relaying this many bytes to the client
@@ -39,8 +42,10 @@ class Faults:
     admin_status: int | None = None
     admin_status_count: int | None = None
     admin_status_method: str | None = None
+    admin_retry_after: int | None = None
     admin_latency: float = 0.0
     cert_lifetime: float | None = None
+    no_private_ip: bool = False
     no_public_ip: bool = False
     no_psc: bool = False
     mdx_error: str | None = None
@@ -48,6 +53,7 @@ class Faults:
     wrong_san: bool = False
     unknown_ca: bool = False
     reject_client_certs: bool = False
+    no_session_resumption: bool = False
     reset_after_bytes: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 

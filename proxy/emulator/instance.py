@@ -35,10 +35,12 @@ from cryptography import x509
 
 from proxy import mdx
 from proxy.emulator.faults import Faults
+from proxy.emulator.pgcluster import PASSWORD_SOURCE, TRUSTED_SOURCE
 from proxy.emulator.pki import ClusterCA, key_pem, pem
 
 if TYPE_CHECKING:
-    from proxy.emulator.emulator import Emulator, Principal
+    from proxy.emulator.emulator import Emulator
+    from proxy.emulator.principals import Principal
 
 PORT = 5433
 MDX_TIMEOUT = 30.0
@@ -87,7 +89,14 @@ class Instance:
 
     @property
     def ips(self) -> list[str]:
+        """Every address the instance's server listens on."""
         return [ip for ip in (self.private_ip, self.public_ip, self.psc_ip) if ip]
+
+    @property
+    def certificate_ips(self) -> list[str]:
+        """The IP SANs of its server certificate: not the PSC endpoint, whose address
+        is the consumer's and which clients verify by DNS name (as AlloyDB does)."""
+        return [ip for ip in (self.private_ip, self.public_ip) if ip]
 
 
 class _Reader:
@@ -115,7 +124,11 @@ class _Reader:
 
 
 class _SwitchingContext(ssl.SSLContext):
-    """A server context that may hand a new connection to another context."""
+    """A server context that may hand a new connection to another context.
+
+    The listening socket keeps the context it started with; this lets a fault
+    switch or a rotation decide, per connection, which one really serves it.
+    """
 
     switch: Callable[[], ssl.SSLContext | None] | None = None
 
@@ -134,7 +147,24 @@ class InstanceServer:
         self.inst = inst
         self.servers: list[asyncio.base_events.Server] = []
         self._writers: set[asyncio.StreamWriter] = set()
+        self._other_ca = other_ca
         self._contexts = self._build_contexts(other_ca)
+        self._front = _SwitchingContext(ssl.PROTOCOL_TLS_SERVER)
+        self._front.switch = self._choose_context
+
+    def _choose_context(self) -> ssl.SSLContext:
+        contexts = self._contexts  # one read: a rotation may replace the dict
+        if self._fault("reject_client_certs"):
+            return contexts["reject_client_certs"]
+        if self._fault("no_session_resumption"):
+            return contexts["no_resumption"]
+        return contexts["good"]
+
+    def rebuild(self) -> None:
+        """A new server certificate (and the cluster's current CA, which the
+        instance's ``ca`` names) for every new connection; sessions of the old
+        one cannot be resumed (new ticket keys)."""
+        self._contexts = self._build_contexts(self._other_ca)
 
     def _context(
         self,
@@ -161,18 +191,22 @@ class InstanceServer:
     def _build_contexts(self, other_ca: ClusterCA) -> dict[str, _SwitchingContext]:
         inst = self.inst
         dns = [inst.psc_dns_name] if inst.psc_dns_name else []
-        good, key = inst.ca.server_certificate(inst.ips, dns, inst.uid)
+        good, key = inst.ca.server_certificate(inst.certificate_ips, dns, inst.uid)
         wrong, _ = inst.ca.server_certificate(
             ["127.255.255.254"], ["wrong.alloydb.invalid"], inst.uid, key=key
         )
-        foreign, _ = inst.ca.server_certificate(inst.ips, dns, inst.uid, key=key, signer=other_ca)
+        foreign, _ = inst.ca.server_certificate(
+            inst.certificate_ips, dns, inst.uid, key=key, signer=other_ca
+        )
         k = key_pem(key)
         contexts = {
             "good": self._context(good, k, inst.ca.root_pem),
             "wrong_san": self._context(wrong, k, inst.ca.root_pem),
             "unknown_ca": self._context(foreign, k, other_ca.root_pem),
             "reject_client_certs": self._context(good, k, inst.ca.root_pem, other_ca.root_pem),
+            "no_resumption": self._context(good, k, inst.ca.root_pem),
         }
+        contexts["no_resumption"].num_tickets = 0  # TLS 1.3: no tickets, no resumption
 
         def choose_certificate(
             sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext
@@ -184,12 +218,10 @@ class InstanceServer:
             elif self._fault("unknown_ca"):
                 sslobj.context = contexts["unknown_ca"]
 
+        # (The client CA cannot be swapped this way, as OpenSSL keeps the first
+        # context's trust store: _choose_context hands whole connections over.)
         contexts["good"].sni_callback = choose_certificate
-        # The client CA cannot be swapped in the SNI callback (OpenSSL keeps the
-        # first context's trust store): hand the whole connection over instead.
-        contexts["good"].switch = lambda: (
-            contexts["reject_client_certs"] if self._fault("reject_client_certs") else None
-        )
+        contexts["no_resumption"].sni_callback = choose_certificate
         return contexts
 
     async def start(self) -> None:
@@ -200,7 +232,7 @@ class InstanceServer:
                     ip,
                     PORT,
                     reuse_address=True,
-                    ssl=self._contexts["good"],
+                    ssl=self._front,
                     ssl_handshake_timeout=MDX_TIMEOUT,
                 )
                 self.servers.append(server)
@@ -272,26 +304,41 @@ class InstanceServer:
         if self._fault("close_during_mdx"):
             writer.transport.abort()
             return None
-        principal = None
-        error = self._fault("mdx_error")
-        if not error:
-            tokens = self.emu.tokens
-            if tokens is not None:
-                principal = tokens.get(request.oauth2_token)
-                if principal is None:
-                    error = "invalid or expired OAuth2 token"
-                elif not principal.can_connect:
-                    error = f"permission denied: {principal.email} lacks alloydb.instances.connect"
-            elif request.auth_type == mdx.AUTO_IAM:
-                error = (
+        principal, error = self._check_exchange(request)
+        if error:
+            await self._mdx_reply(writer, error)
+            return None
+        await self._mdx_reply(writer, None)
+        auth_type = mdx.DB_NATIVE if request.auth_type != mdx.AUTO_IAM else mdx.AUTO_IAM
+        return auth_type, principal
+
+    def _check_exchange(self, request: mdx.MdxRequest) -> tuple[Principal | None, str]:
+        """The principal behind the request, or the error the server answers with."""
+        injected = self._fault("mdx_error")
+        if injected:
+            return None, str(injected)
+        if request.auth_type not in (mdx.AUTH_TYPE_UNSPECIFIED, mdx.DB_NATIVE, mdx.AUTO_IAM):
+            return None, f"invalid auth type {request.auth_type}"
+        if not request.oauth2_token:
+            return None, "missing OAuth2 token"
+        tokens = self.emu.tokens
+        if tokens is None:  # demo mode: any non-empty token, but nobody to log in as
+            if request.auth_type == mdx.AUTO_IAM:
+                return None, (
                     "automatic IAM authentication needs a known token "
                     "(start the emulator with --token)"
                 )
-        if error:
-            await self._mdx_reply(writer, str(error))
-            return None
-        await self._mdx_reply(writer, None)
-        return request.auth_type, principal
+            return None, ""
+        principal = tokens.get(request.oauth2_token)
+        if principal is None:
+            return None, "invalid OAuth2 token"
+        if principal.expired():
+            return None, "OAuth2 token expired"
+        if not principal.may_log_in():
+            return None, "OAuth2 token lacks the alloydb.login scope"
+        if not principal.can_connect:
+            return None, f"permission denied: {principal.email} lacks alloydb.instances.connect"
+        return principal, ""
 
     @staticmethod
     async def _mdx_reply(writer: asyncio.StreamWriter, error: str | None) -> None:
@@ -337,9 +384,13 @@ class InstanceServer:
                 writer.write(pg_error(f'IAM authentication failed for user "{user}"'))
                 await writer.drain()
                 return None
+        # Only an AUTO_IAM login comes from the address PostgreSQL trusts for IAM
+        # users; everything else must pass password authentication.
+        source = TRUSTED_SOURCE if auth_type == mdx.AUTO_IAM else PASSWORD_SOURCE
+        local = (source, 0) if emu.postgres_host == "127.0.0.1" else None
         try:
             pg_reader, pg_writer = await asyncio.open_connection(
-                emu.postgres_host, emu.postgres_port
+                emu.postgres_host, emu.postgres_port, local_addr=local
             )
         except OSError as exc:
             writer.write(pg_error(f"could not connect to the database server: {exc}", "08006"))

@@ -12,8 +12,14 @@ that server's pg_hba.conf must then carry the IAM trust line below itself.
 
 Authentication mirrors what AlloyDB does for the emulator's purposes:
 database-native users log in with SCRAM; IAM users are members of the group
-role ``alloydb_iam_users``, which a pg_hba ``trust`` line lets in without a
-password, because the emulator has already checked their OAuth2 token.
+role ``alloydb_iam_users`` and have no password. The emulator connects to
+PostgreSQL from 127.0.0.1 (TRUSTED_SOURCE) only for a connection whose
+metadata exchange said AUTO_IAM and whose token's principal is the startup
+user; a pg_hba ``trust`` line for the IAM group from that one address lets
+such a login in. Every other connection comes from 127.0.0.2
+(PASSWORD_SOURCE) and meets SCRAM, so an IAM user without AUTO_IAM is
+refused, as on AlloyDB. A server reused through ``from_env()`` needs the
+same lines in its pg_hba.conf.
 """
 
 from __future__ import annotations
@@ -33,11 +39,14 @@ from typing import Any
 
 IAM_GROUP = "alloydb_iam_users"
 
+TRUSTED_SOURCE = "127.0.0.1"
+PASSWORD_SOURCE = "127.0.0.2"
+
 # Order matters: the IAM group's trust line must come before the catch-all.
 HBA = f"""\
 local all all trust
-host all +{IAM_GROUP} 127.0.0.1/32 trust
-host all all 127.0.0.1/32 scram-sha-256
+host all +{IAM_GROUP} {TRUSTED_SOURCE}/32 trust
+host all all 127.0.0.0/8 scram-sha-256
 """
 
 

@@ -27,13 +27,16 @@ def test_connection_info_under_every_version(emulator, version):
     )
     assert resp.status_code == 200
     inst = emulator.instances[URI]
-    assert resp.json() == {
+    expected = {
         "name": f"{URI}/connectionInfo",
         "ipAddress": inst.private_ip,
         "publicIpAddress": inst.public_ip,
         "pscDnsName": inst.psc_dns_name + ".",
         "instanceUid": inst.uid,
     }
+    if version == "v1":
+        del expected["pscDnsName"]  # v1's ConnectionInfo has no such field
+    assert resp.json() == expected
     assert not inst.psc_dns_name.endswith(".")
 
 
@@ -128,16 +131,61 @@ def test_unknown_cluster_is_404(emulator):
     assert resp.status_code == 404 and resp.json()["error"]["status"] == "NOT_FOUND"
 
 
+def weak_key_pem(bits: int = 2048, exponent: int = 65537) -> str:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=exponent, key_size=bits)
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
 @pytest.mark.parametrize(
-    "body",
+    ("body", "message"),
     [
-        {"publicKey": "x"},
-        {"publicKey": public_pem(), "certDuration": "an hour"},
+        ({"publicKey": "x"}, "invalid public key"),
+        ({"publicKey": public_pem(), "certDuration": "an hour"}, "cert_duration"),
+        ({"publicKey": public_pem(), "certDuration": 3600}, "cert_duration"),
+        ({"publicKey": public_pem(), "certDuration": "60s"}, "between 1h and 24h"),
+        ({"publicKey": public_pem(), "certDuration": "90000s"}, "between 1h and 24h"),
+        ({"publicKey": public_pem(), "bogus": 1}, 'Unknown name "bogus"'),
+        ({"publicKey": public_pem(), "useMetadataExchange": "true"}, "use_metadata_exchange"),
+        ({"publicKey": "hello\n" + public_pem()}, "one PEM public key block"),
+        ({"publicKey": public_pem() + "trailing words"}, "one PEM public key block"),
+        ({"publicKey": weak_key_pem(bits=1024)}, "at least 2048 bits"),
+        ({"publicKey": weak_key_pem(exponent=3)}, "exponent 65537"),
+        ({"publicKey": 42}, "public_key"),
     ],
 )
-def test_bad_body_is_400(emulator, body):
+def test_bad_body_is_400(emulator, body, message):
     resp = call(emulator, "POST", f"/v1/{CLUSTER}:generateClientCertificate", body=body)
-    assert resp.status_code == 400 and resp.json()["error"]["status"] == "INVALID_ARGUMENT"
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["status"] == "INVALID_ARGUMENT" and message in error["message"]
+
+
+def test_proto_field_names_are_accepted(emulator):
+    # The REST gateway takes proto names as well as JSON names.
+    resp = call(
+        emulator,
+        "POST",
+        f"/v1beta/{CLUSTER}:generateClientCertificate",
+        body={"public_key": public_pem(), "cert_duration": "7200s", "use_metadata_exchange": True},
+    )
+    assert resp.status_code == 200, resp.text
+
+
+def test_a_body_that_is_not_declared_json_is_400(emulator):
+    resp = call(
+        emulator,
+        "POST",
+        f"/v1beta/{CLUSTER}:generateClientCertificate",
+        data=json.dumps({"publicKey": public_pem()}),
+        headers={"Content-Type": "text/plain"},
+    )
+    assert resp.status_code == 400 and "Content-Type" in resp.json()["error"]["message"]
 
 
 def test_invalid_json_is_400(emulator):
@@ -282,6 +330,11 @@ def test_percent_encoded_path(emulator):
         body={"publicKey": public_pem()},
     )
     assert resp.status_code == 200
+    # An encoded slash is part of a name, never a separator.
+    encoded = URI.replace("/instances/", "/instances%2F", 1)
+    assert call(emulator, "GET", f"/v1beta/{encoded}/connectionInfo").status_code == 404
+    encoded = URI.replace("projects/", "projects%2F", 1)
+    assert call(emulator, "GET", f"/v1beta/{encoded}/connectionInfo").status_code == 404
 
 
 def test_request_log_over_http_redacts_tokens_and_is_bounded(emulator):
@@ -300,3 +353,53 @@ def test_request_log_over_http_redacts_tokens_and_is_bounded(emulator):
         bounded.append(i)
     assert len(bounded) <= emulator_module.LOG_LIMIT * 11 // 10
     assert bounded[-1] == emulator_module.LOG_LIMIT * 2 - 1
+
+
+def test_errors_carry_an_error_info_detail(emulator):
+    error = call(emulator, "GET", f"/v1beta/{URI}/connectionInfo", token=TOKEN_DENIED).json()[
+        "error"
+    ]
+    assert error["details"] == [
+        {
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": "IAM_PERMISSION_DENIED",
+            "domain": "googleapis.com",
+            "metadata": {"service": "alloydb.googleapis.com"},
+        }
+    ]
+
+
+def test_token_scope_and_expiry_are_checked(make_emulator):
+    from proxy.emulator import Principal
+    from proxy.emulator.principals import ALLOYDB_LOGIN, CLOUD_PLATFORM
+
+    emu = make_emulator(
+        tokens={
+            "api": Principal("a@p.iam.gserviceaccount.com", scopes=frozenset({CLOUD_PLATFORM})),
+            "login": Principal("a@p.iam.gserviceaccount.com", scopes=frozenset({ALLOYDB_LOGIN})),
+            "old": Principal("a@p.iam.gserviceaccount.com", expires_at=time.time() - 1),
+        }
+    )
+    path = f"/v1beta/{URI}/connectionInfo"
+    assert call(emu, "GET", path, token="api").status_code == 200
+    refused = call(emu, "GET", path, token="login")
+    assert refused.status_code == 403
+    assert refused.json()["error"]["details"][0]["reason"] == "ACCESS_TOKEN_SCOPE_INSUFFICIENT"
+    expired = call(emu, "GET", path, token="old")
+    assert expired.status_code == 401
+    assert expired.json()["error"]["details"][0]["reason"] == "ACCESS_TOKEN_EXPIRED"
+
+
+def test_rate_limit_answer_has_the_real_body_and_retry_after(emulator):
+    emulator.faults.set(admin_status=429, admin_retry_after=7)
+    resp = call(emulator, "GET", f"/v1beta/{URI}/connectionInfo")
+    assert resp.status_code == 429 and resp.headers["Retry-After"] == "7"
+    error = resp.json()["error"]
+    assert error["status"] == "RESOURCE_EXHAUSTED" and "Quota exceeded" in error["message"]
+    assert error["details"][0]["reason"] == "RATE_LIMIT_EXCEEDED"
+
+
+def test_an_instance_without_a_private_ip(emulator):
+    emulator.faults.set(no_private_ip=True)
+    body = call(emulator, "GET", f"/v1beta/{URI}/connectionInfo").json()
+    assert "ipAddress" not in body and body["publicIpAddress"] and body["pscDnsName"]

@@ -29,6 +29,7 @@ from ..conftest import (
     DB_PASSWORD,
     DB_USER,
     IAM_DB_USER,
+    SA_EMAIL,
     TOKEN_APP,
     TOKEN_DENIED,
     TOKEN_IAM,
@@ -78,8 +79,9 @@ def test_server_certificate_profile(emulator):
         assert tls.version() == "TLSv1.3"
         cert = server_certificate(tls)
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    # Not the PSC endpoint's IP: the real server cannot know it; PSC is verified by name.
     assert set(san.get_values_for_type(x509.IPAddress)) == {
-        ipaddress.ip_address(ip) for ip in (inst.private_ip, inst.public_ip, inst.psc_ip)
+        ipaddress.ip_address(ip) for ip in (inst.private_ip, inst.public_ip)
     }
     assert san.get_values_for_type(x509.DNSName) == [inst.psc_dns_name]
     assert not inst.psc_dns_name.endswith(".")
@@ -105,6 +107,9 @@ def test_every_address_verifies_by_ip_or_psc_name(emulator):
     # The dotted form is not in the certificate (OpenSSL would not match it).
     with pytest.raises(ssl.SSLCertVerificationError):
         tls_client(emulator, inst.psc_ip, server_hostname=inst.psc_dns_name + ".").close()
+    # Nor is the PSC endpoint's IP: a client verifying PSC by IP fails.
+    with pytest.raises(ssl.SSLCertVerificationError, match="IP address mismatch"):
+        tls_client(emulator, inst.psc_ip).close()
 
 
 def test_tls12_is_refused(emulator):
@@ -171,6 +176,25 @@ def test_client_certificate_of_another_cluster_is_rejected(emulator):
 # ---- metadata exchange --------------------------------------------------------
 
 
+def test_the_codec_matches_the_wire_format_examples():
+    """The emulator and the proxy share proxy/mdx.py: pin it to the documented bytes."""
+    native = mdx.MdxRequest("x/1.0", mdx.DB_NATIVE, "tok")
+    auto = mdx.MdxRequest("x/1.0", mdx.AUTO_IAM, "tok")
+    assert mdx.encode_request(auto).hex() == "0000000e0a05782f312e3010021a03746f6b"
+    assert mdx.encode_request(native).hex() == "0000000e0a05782f312e3010011a03746f6b"
+    assert mdx.decode_request(bytes.fromhex("0a05782f312e3010021a03746f6b")) == auto
+    assert mdx.encode_response(mdx.MdxResponse(mdx.OK)).hex() == "000000020801"
+    error = mdx.MdxResponse(mdx.ERROR, "bad")
+    assert mdx.encode_response(error).hex() == "0000000708021203626164"
+    assert mdx.decode_response(bytes.fromhex("08021203626164")) == error
+    assert not mdx.decode_response(b"").ok  # an empty response is a failure
+    long_token = mdx.encode_request(mdx.MdxRequest("", mdx.AUTO_IAM, "t" * 300))
+    assert long_token[4:10].hex() == "10021aac0274"  # the length as a two-byte varint
+    assert mdx.decode_request(CAPTURED_REQUEST[4:]) == mdx.MdxRequest(
+        "alloydb-python-connector/1.14.1+pg8000", mdx.AUTO_IAM, "tok"
+    )
+
+
 def test_golden_frames(emulator):
     inst = emulator.instances[URI]
     emulator.tokens["tok"] = emulator.tokens[TOKEN_IAM]
@@ -190,12 +214,25 @@ def test_golden_frames(emulator):
 @pytest.mark.parametrize(
     ("tokens", "token", "auth_type", "message"),
     [
-        ("default", "unknown", mdx.DB_NATIVE, "invalid or expired OAuth2 token"),
+        ("default", "unknown", mdx.DB_NATIVE, "invalid OAuth2 token"),
         ("default", TOKEN_DENIED, mdx.DB_NATIVE, "permission denied"),
+        ("default", "", mdx.DB_NATIVE, "missing OAuth2 token"),
+        ("default", TOKEN_APP, 7, "invalid auth type 7"),
+        ("scoped", "api-only", mdx.AUTO_IAM, "lacks the alloydb.login scope"),
+        ("scoped", "expired", mdx.DB_NATIVE, "OAuth2 token expired"),
+        (None, "", mdx.DB_NATIVE, "missing OAuth2 token"),
         (None, "anything", mdx.AUTO_IAM, "automatic IAM authentication needs a known token"),
     ],
 )
 def test_exchange_refusals(make_emulator, tokens, token, auth_type, message):
+    from proxy.emulator import Principal
+
+    if tokens == "scoped":
+        tokens = {
+            TOKEN_APP: Principal("app@p.iam.gserviceaccount.com"),
+            "api-only": Principal(SA_EMAIL, scopes=frozenset({"https://example.invalid/other"})),
+            "expired": Principal(SA_EMAIL, expires_at=time.time() - 1),
+        }
     emu = make_emulator() if tokens == "default" else make_emulator(tokens=tokens)
     with tls_client(emu, emu.instances[URI].private_ip) as tls:
         resp = exchange(tls, token, auth_type)
@@ -257,6 +294,17 @@ def test_auto_iam_login_without_password(emulator):
     conn = mdx_login(emulator, TOKEN_IAM, mdx.AUTO_IAM, IAM_DB_USER)
     assert conn.run("SELECT current_user") == [[IAM_DB_USER]]
     conn.close()
+
+
+def test_iam_user_needs_auto_iam(emulator):
+    """Under DB_NATIVE an IAM user meets password authentication (and has no password)."""
+    with pytest.raises(pg8000.native.DatabaseError) as info:
+        mdx_login(emulator, TOKEN_IAM, mdx.DB_NATIVE, IAM_DB_USER, "any password")
+    assert info.value.args[0]["C"] == "28P01"  # password authentication failed
+    tls = tls_client(emulator, emulator.instances[URI].private_ip, use_mdx=False)
+    with pytest.raises(pg8000.native.DatabaseError) as info:
+        login(tls, IAM_DB_USER, "any password")
+    assert info.value.args[0]["C"] == "28P01"
 
 
 def test_auto_iam_with_another_user_is_refused(emulator):
@@ -435,3 +483,57 @@ def test_failed_start_closes_what_did_start(pg):
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", emu._admin.port), timeout=2)
     emu.stop()
+
+
+# ---- rotation and resumption ----------------------------------------------------
+
+
+def resumed_twice(emu, ip: str) -> list[bool]:
+    """Two sessions with one context (the second may resume the first)."""
+    body = issue(emu)
+    ctx = client_context(body["pemCertificateChain"], body["caCert"])
+    out, session = [], None
+    for _ in range(2):
+        raw = socket.create_connection((ip, 5433), timeout=10)
+        with ctx.wrap_socket(raw, server_hostname=ip, session=session) as tls:
+            assert exchange(tls, TOKEN_APP).ok  # tickets arrive with the first data
+            out.append(tls.session_reused)
+            session = tls.session
+    return out
+
+
+def test_sessions_resume_unless_switched_off(emulator):
+    ip = emulator.instances[URI].private_ip
+    assert resumed_twice(emulator, ip) == [False, True]
+    emulator.faults.set(no_session_resumption=True)
+    assert resumed_twice(emulator, ip) == [False, False]
+
+
+def test_rotating_the_server_certificate_and_ca(emulator):
+    inst = emulator.instances[URI]
+    old = issue(emulator)
+    with tls_client(emulator, inst.private_ip) as tls:
+        first = server_certificate(tls)
+    emulator.rotate_server_certificate(URI)
+    with tls_client(emulator, inst.private_ip) as tls:
+        assert server_certificate(tls).serial_number != first.serial_number
+    emulator.rotate_server_certificate(URI, new_ca=True)
+    new = issue(emulator)
+    assert new["caCert"] != old["caCert"]
+    # A client still trusting the old CA refuses the server...
+    ctx = client_context(old["pemCertificateChain"], old["caCert"])
+    with (
+        socket.create_connection((inst.private_ip, 5433), timeout=10) as raw,
+        pytest.raises(ssl.SSLCertVerificationError),
+    ):
+        ctx.wrap_socket(raw, server_hostname=inst.private_ip)
+    # ...and a client certificate of the old CA is refused by the server.
+    ctx = client_context(old["pemCertificateChain"], new["caCert"])
+    with (
+        socket.create_connection((inst.private_ip, 5433), timeout=10) as raw,
+        pytest.raises((ssl.SSLError, OSError, EOFError)),
+        ctx.wrap_socket(raw, server_hostname=inst.private_ip) as tls,
+    ):
+        exchange(tls, TOKEN_APP)
+    with tls_client(emulator, inst.private_ip) as tls:
+        assert exchange(tls, TOKEN_APP).ok

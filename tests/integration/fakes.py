@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy.emulator import Principal
+from proxy.emulator.principals import ALLOYDB_LOGIN, CLOUD_PLATFORM
 
 from ..conftest import SA_EMAIL
 
@@ -37,13 +38,27 @@ PEOPLE = {
 }
 
 
+SCOPES = {"cloud-platform": CLOUD_PLATFORM, "alloydb.login": ALLOYDB_LOGIN}
+
+
 class TokensByPrefix(dict):
-    """The emulator's token table: any token the fakes issue maps to its principal."""
+    """The emulator's token table: any token the fakes issue maps to its principal,
+    with the scope the token was issued for (``sa|alloydb.login|7`` is good for the
+    metadata exchange only) and, given the fakes, its expiry."""
+
+    def __init__(self, fakes: IdentityFakes | None = None) -> None:
+        super().__init__()
+        self.fakes = fakes
 
     def get(self, token, default=None):
         for prefix, email in PEOPLE.items():
             if token.startswith(prefix):
-                return Principal(email)
+                scopes = Principal(email).scopes
+                parts = token.split("|")
+                if len(parts) == 3 and parts[1] in SCOPES:
+                    scopes = frozenset({SCOPES[parts[1]]})
+                expires = self.fakes.expires.get(token) if self.fakes else None
+                return Principal(email, scopes=scopes, expires_at=expires)
         return default
 
 

@@ -64,7 +64,7 @@ def cert_requests(emulator) -> int:
 def test_slow_clusters_do_not_stall_a_healthy_instance(pg, proxy_for, fakes, tmp_path, port):
     """Admin API calls for eight slow clusters are in flight; the healthy instance's
     first connection (token from a refreshing source) must not wait behind them."""
-    emu = Emulator(postgres_host=pg.host, postgres_port=pg.port, tokens=TokensByPrefix())
+    emu = Emulator(postgres_host=pg.host, postgres_port=pg.port, tokens=TokensByPrefix(fakes))
     emu.add_instance(URI)
     slow = [URI.replace("clust/instances/inst", f"slow{n}/instances/i") for n in range(8)]
     for uri in slow:

@@ -12,6 +12,7 @@ import pytest
 
 from proxy.credentials import parse_impersonation_chain
 from proxy.emulator import Emulator, Principal
+from proxy.mdx import AUTO_IAM
 
 from .conftest import DB_NAME, IAM_DB_USER, SA_EMAIL, URI, psql
 from .fakes import ConnectProxy, TokensByPrefix, aws_external_account_info, service_account_info
@@ -19,8 +20,9 @@ from .proxyproc import ProxyProcess, free_port_block
 
 
 @pytest.fixture
-def cred_emulator(pg):
-    emu = Emulator(postgres_host=pg.host, postgres_port=pg.port, tokens=TokensByPrefix())
+def cred_emulator(pg, fakes):
+    """Knows every token the fakes issue, with its scope and expiry."""
+    emu = Emulator(postgres_host=pg.host, postgres_port=pg.port, tokens=TokensByPrefix(fakes))
     emu.add_instance(URI, psc=True)
     emu.start()
     yield emu
@@ -70,6 +72,10 @@ def tokens_seen(emulator):
     api = [r.token for r in emulator.admin_requests]
     mdx = [r.oauth2_token for _, r in emulator.mdx_requests]
     return api, mdx
+
+
+def auth_types(emulator) -> list[int]:
+    return [r.auth_type for _, r in emulator.mdx_requests]
 
 
 def assert_no_secret_logged(proxy, fakes):
@@ -229,6 +235,7 @@ def test_ec2_workload_identity_federation_to_iam_login_over_psc(
     # The Admin API saw the impersonated cloud-platform token; the exchange the login-scoped one.
     assert api and all(t.startswith("imp|cloud-platform|") for t in api)
     assert mdx[0].startswith("imp|alloydb.login|")
+    assert auth_types(cred_emulator) == [AUTO_IAM]
     paths = fakes.paths()
     assert "/latest/api/token" in paths and "/v1/token" in paths
     assert any(p.endswith(f"{SA_EMAIL}:generateAccessToken") for p in paths)
@@ -386,6 +393,7 @@ def test_impersonation_flag_with_delegates(run_proxy, cred_emulator, fakes, iam_
     assert result.stdout.strip() == IAM_DB_USER
     api, mdx = tokens_seen(cred_emulator)
     assert api[0].startswith("imp|cloud-platform|") and mdx == [api[0]]
+    assert auth_types(cred_emulator) == [AUTO_IAM]
     calls = [
         (path, body) for method, path, _, body in fakes.log if path.endswith(":generateAccessToken")
     ]

@@ -78,3 +78,35 @@ async def test_an_unreachable_endpoint_names_the_url_and_the_reason():
         f'GET "http://127.0.0.1:{port}/v1beta/{URI.name}/connectionInfo": connection refused'
     )
     client.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "codes"),
+    [
+        (
+            {
+                "code": 429,
+                "message": "Quota exceeded",
+                "status": "RESOURCE_EXHAUSTED",
+                "details": [
+                    {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "A"},
+                    {"@type": "type.googleapis.com/google.rpc.Help"},
+                ],
+            },
+            "A",
+        ),
+        ({"code": 403, "message": "m", "errors": [{"reason": "x"}, {"reason": "y"}]}, "x,y"),
+        ({"code": 403, "message": "m", "status": "PERMISSION_DENIED"}, "PERMISSION_DENIED"),
+    ],
+)
+def test_error_reasons_for_the_metric_come_from_the_details(error, codes):
+    import json
+
+    from proxy.errors import AdminAPIError
+
+    with pytest.raises(AdminAPIError) as caught:
+        AdminAPIClient._decode(error["code"], json.dumps({"error": error}).encode())
+    assert caught.value.codes == codes
+    assert str(caught.value).startswith(f"googleapi: Error {error['code']}: m") or "Quota" in str(
+        caught.value
+    )
