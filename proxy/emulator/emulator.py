@@ -20,6 +20,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from proxy import mdx
+from proxy.emulator import tlsalerts
 from proxy.emulator.adminapi import AdminAPIServer, AdminRequest
 from proxy.emulator.faults import Faults
 from proxy.emulator.instance import PORT, Instance, InstanceServer
@@ -201,6 +202,7 @@ class Emulator:
     def start(self) -> Emulator:
         if self._thread is not None:
             return self
+        tlsalerts.install()  # refusals reach clients as TLS alerts, as AlloyDB's do
         ready: Future[None] = Future()
 
         def main() -> None:

@@ -537,3 +537,21 @@ def test_rotating_the_server_certificate_and_ca(emulator):
         exchange(tls, TOKEN_APP)
     with tls_client(emulator, inst.private_ip) as tls:
         assert exchange(tls, TOKEN_APP).ok
+
+
+@pytest.mark.parametrize(
+    ("fault", "alert"),
+    [
+        ({"reject_client_certs": True}, "alert unknown ca"),
+        ({"cert_lifetime": -60}, "alert certificate expired"),
+    ],
+)
+def test_a_refused_client_certificate_gets_a_tls_alert(emulator, fault, alert):
+    """Under TLS 1.3 the client sees the server's refusal on its first read: an alert
+    naming the reason, not a bare EOF."""
+    emulator.faults.set(**fault)
+    with (
+        tls_client(emulator, emulator.instances[URI].private_ip) as tls,
+        pytest.raises(ssl.SSLError, match=alert),
+    ):
+        exchange(tls, TOKEN_APP)
