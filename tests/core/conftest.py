@@ -58,9 +58,18 @@ def server_context(pki, *, tls12_only: bool = False) -> ssl.SSLContext:
 class TLSServer:
     """Accepts TLS connections on 127.0.0.1 and runs handler(ssl_socket) in a thread each."""
 
-    def __init__(self, ctx: ssl.SSLContext, handler: Callable[[ssl.SSLSocket], None]):
+    def __init__(
+        self,
+        ctx: ssl.SSLContext,
+        handler: Callable[[ssl.SSLSocket], None],
+        *,
+        strict: bool = False,
+    ):
         self.ctx = ctx
         self.handler = handler
+        # Strict: a ragged EOF (a FIN without close_notify) is an error, and the
+        # fixture fails the test if the server saw any error at all.
+        self.strict = strict
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.errors: list[BaseException] = []
@@ -77,7 +86,9 @@ class TLSServer:
 
     def _serve(self, raw):
         try:
-            with self.ctx.wrap_socket(raw, server_side=True) as tls:
+            with self.ctx.wrap_socket(
+                raw, server_side=True, suppress_ragged_eofs=not self.strict
+            ) as tls:
                 self.handler(tls)
                 close_notify(tls)
         except (OSError, ssl.SSLError) as exc:
@@ -110,14 +121,17 @@ def echo(tls: ssl.SSLSocket) -> None:
 def tls_server(pki):
     servers = []
 
-    def start(handler=echo, **kwargs):
-        server = TLSServer(server_context(pki, **kwargs), handler)
+    def start(handler=echo, strict=False, **kwargs):
+        server = TLSServer(server_context(pki, **kwargs), handler, strict=strict)
         servers.append(server)
         return server
 
     yield start
     for server in servers:
         server.close()
+    for server in servers:
+        if server.strict:
+            assert server.errors == [], f"the TLS test server saw errors: {server.errors!r}"
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])

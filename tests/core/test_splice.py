@@ -160,7 +160,8 @@ def test_client_half_close_keeps_the_tail(run, tls_server, client_context):
             got += data
         tls.sendall(struct.pack(">I", len(got)) + tail)
 
-    server = tls_server(read_all_then_answer)
+    # strict: the client's half-close must reach the instance as close_notify.
+    server = tls_server(read_all_then_answer, strict=True)
 
     async def main():
         loop = asyncio.get_running_loop()

@@ -176,7 +176,7 @@ def test_a_fatal_alert_stays_on_its_own_connection(run, tls_server, client_conte
 
 def test_client_half_close_near_the_end_keeps_the_instance_tail(run, tls_server, client_context):
     payload = pattern(1024 * 1024 + 50_000, seed=4)
-    server = tls_server(source(payload))
+    server = tls_server(source(payload), strict=True)
 
     async def main():
         s = await spliced(client_context, server.port, proxy_sndbuf=4096, client_rcvbuf=4096)
@@ -461,7 +461,7 @@ def test_the_half_close_carries_the_count_exactly(run, tls_server, client_contex
             time.sleep(0.0005)
         tls.sendall(struct.pack(">Q", len(got)) + bytes(got[-64:]) + bytes(got[:64]))
 
-    server = tls_server(count_and_digest)
+    server = tls_server(count_and_digest, strict=True)
 
     async def main():
         loop = asyncio.get_running_loop()

@@ -338,6 +338,18 @@ def test_tokens_are_refreshed_before_they_expire(run_proxy, cred_emulator, fakes
     assert len(logins) <= 5  # renewed ahead of expiry, not fetched for every login
 
 
+def test_long_lived_tokens_are_fetched_once_per_scope(run_proxy, cred_emulator, fakes, tmp_path):
+    (tmp_path / "key.json").write_text(json.dumps(service_account_info(f"{fakes.url}/token")))
+    proxy = run_proxy("--credentials-file", str(tmp_path / "key.json"))
+    for n in range(3):
+        assert psql(f"SELECT {n}", host="127.0.0.1", port=proxy.port).stdout.strip() == str(n)
+    assert sorted(t.rsplit("|", 1)[0] for t in fakes.issued) == [
+        "sa|alloydb.login",
+        "sa|cloud-platform",
+    ]
+    assert len(set(tokens_seen(cred_emulator)[1])) == 1  # one login token, three logins
+
+
 def test_impersonation_chain_order():
     # The first account is the target; the delegates follow in reverse, as in the Go proxy.
     target, delegates = parse_impersonation_chain("sa1@p.iam.gserviceaccount.com, sa2@p, sa3@p")

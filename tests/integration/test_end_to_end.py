@@ -124,6 +124,7 @@ def test_public_ip_and_missing_ip_type(start_proxy, emulator, port):
     emulator.add_instance(no_public)
     proxy = start_proxy(URI, f"{no_public}?port={port + 3}", "--public-ip", "--port", str(port))
     assert psql("SELECT 'public'", host="127.0.0.1", port=port).stdout.strip() == "public"
+    assert emulator.connections[-1] == (URI, emulator.instances[URI].public_ip)
     bad = psql("SELECT 1", host="127.0.0.1", port=port + 3, check=False)
     assert bad.returncode != 0
     proxy.wait_for(
@@ -152,6 +153,7 @@ def test_psc_dns_name(start_proxy, emulator, port, tmp_path):
     ]
     start_proxy(f"{URI}?psc=true", "--port", str(port), prefix=prefix)
     assert psql("SELECT 'psc'", host="127.0.0.1", port=port).stdout.strip() == "psc"
+    assert emulator.connections[-1] == (URI, emulator.instances[URI].psc_ip)
 
 
 def test_100_mb_each_way_with_checksums(start_proxy, port):

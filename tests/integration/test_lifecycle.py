@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import resource
 import signal
 import time
@@ -92,10 +93,29 @@ def test_max_sigterm_delay_waits_for_connections_then_fails(emulator, ports):
     proc = start(emulator, ports, "--max-sigterm-delay", "1s")
     conn = psycopg.connect(dsn(ports["proxy"]), autocommit=True)
     conn.execute("SELECT 1")
+    began = time.monotonic()
     proc.proc.send_signal(signal.SIGTERM)
     assert proc.wait_exit() == 1
+    waited = time.monotonic() - began
     conn.close()  # its tunnel ended with the process
     assert "error during shutdown: 1 connection(s) still open after waiting 1s" in proc.output
+    assert 1.0 <= waited < 10, f"exited after {waited:.1f}s"
+
+
+def test_max_sigterm_delay_lets_an_open_connection_finish(emulator, ports):
+    """SIGTERM with a 5 s delay: the running query completes on its connection, and
+    the proxy leaves as soon as that connection closes (after ≥ 1 s, well before 5 s)."""
+    proc = start(emulator, ports, "--max-sigterm-delay", "5s")
+    conn = psycopg.connect(dsn(ports["proxy"]), autocommit=True)
+    began = time.monotonic()
+    proc.proc.send_signal(signal.SIGTERM)
+    proc.wait_for("SIGTERM signal received. Shutting down...")
+    assert conn.execute("SELECT 42 FROM pg_sleep(1)").fetchone() == (42,)
+    conn.close()
+    assert proc.wait_exit() == 143
+    waited = time.monotonic() - began
+    assert 1.0 <= waited < 4.5, f"exited after {waited:.1f}s"
+    assert "still open" not in proc.output
 
 
 def test_max_sigterm_delay_ends_early_when_idle(emulator, ports):
@@ -103,7 +123,15 @@ def test_max_sigterm_delay_ends_early_when_idle(emulator, ports):
     began = time.monotonic()
     proc.proc.send_signal(signal.SIGTERM)
     assert proc.wait_exit() == 0
-    assert time.monotonic() - began < 10
+    assert time.monotonic() - began < 10  # not the 30 s: nothing was open
+    # ...and the delay was read: a held connection would have kept it waiting.
+    proc = start(emulator, ports, "--max-sigterm-delay", "2s", "--exit-zero-sigterm")
+    conn = psycopg.connect(dsn(ports["proxy"]), autocommit=True)
+    began = time.monotonic()
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.wait_exit() == 1
+    assert time.monotonic() - began >= 2.0
+    conn.close()
 
 
 def test_bad_duration_is_a_bad_command(emulator, ports):
@@ -212,6 +240,41 @@ def test_prometheus_metrics(emulator, ports):
         assert "_total" not in text
     finally:
         proc.stop()
+
+
+def test_prometheus_failure_series_are_exact(emulator, ports):
+    """After an induced Admin API failure: the exact dial-failure and refresh-failure
+    series, the error code being the API's ErrorInfo reason."""
+    other = URI.replace("/instances/inst", "/instances/other")
+    emulator.add_instance(other).faults.set(admin_status=429, admin_status_method="connectionInfo")
+    http_port = free_port_block(1)
+    base = f"http://127.0.0.1:{http_port}/metrics"
+    proc = ProxyProcess(
+        [URI, other, "--port", str(ports["proxy"]), "--token", "tok-app",
+         "--alloydbadmin-api-endpoint", emulator.admin_url, "--prometheus",
+         "--http-address", "127.0.0.1", "--http-port", str(http_port)]
+    )  # fmt: skip
+    with proc:
+        proc.wait_ready()
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(dsn(ports["proxy"] + 1), connect_timeout=20)
+        proc.wait_for("failed to connect to instance", stream="stderr")
+        with psycopg.connect(dsn(ports["proxy"])) as conn:
+            conn.execute("SELECT 1")
+        _, text = http_get(base)
+    dialer = r'alloydb_dialer_id="[0-9a-f-]{36}"'
+    other_short = "project-id.us-central1.clust.other"
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    expected = [
+        rf'alloydbconn_dial_failure_count\{{{dialer},alloydb_instance="{other}"\}} 1',
+        rf"alloydbconn_refresh_failure_count\{{{dialer},"
+        rf'alloydb_error_code="RATE_LIMIT_EXCEEDED",alloydb_instance="{other_short}"\}} 1',
+        rf"alloydbconn_refresh_success_count\{{{dialer},"
+        rf'alloydb_instance="project-id.us-central1.clust.inst"\}} 1',
+    ]
+    for pattern in expected:
+        assert any(re.fullmatch(pattern, line) for line in lines), (pattern, lines)
+    assert not any("dial_failure_count" in line and URI + '"' in line for line in lines)
 
 
 def test_open_file_limit_is_raised_to_the_hard_limit(emulator, ports):

@@ -38,8 +38,10 @@ class ScriptedClient:
         self.lifetime = lifetime
         self.fail = False
         self.cert_calls = 0
+        self.info_calls = 0
 
     async def connection_info(self, uri):
+        self.info_calls += 1
         if self.fail:
             raise AdminAPIError(403, "denied", "PERMISSION_DENIED")
         return InstanceAddresses("10.0.0.2", "", "")
@@ -52,13 +54,20 @@ class ScriptedClient:
 
 
 async def test_refresh_ahead_keeps_a_valid_certificate_when_refresh_fails(ca, keys):
+    from proxy.metrics import Metrics
+
+    metrics = Metrics()
     client = ScriptedClient(ca, dt.timedelta(hours=1))
-    cache = RefreshAheadCache(URI, client, keys, Logger(quiet=True))
+    cache = RefreshAheadCache(URI, client, keys, Logger(quiet=True), metrics)
     first = await cache.connection_info()
     assert first.addresses == {"PRIVATE": "10.0.0.2"} and first.valid()
+    assert client.info_calls == 1
     client.fail = True
     cache.force_refresh()
     await asyncio.sleep(0.05)  # the forced refresh runs (burst token) and fails
+    assert client.info_calls == 2  # it really asked the API again
+    assert metrics.refresh_failure == {(URI.short, "PERMISSION_DENIED"): 1}
+    assert metrics.refresh_success == {URI.short: 1}
     assert await cache.connection_info() is first
     cache.close()
 
@@ -98,10 +107,8 @@ class SlowClient(ScriptedClient):
     def __init__(self, ca, lifetime, delay):
         super().__init__(ca, lifetime)
         self.delay = delay
-        self.info_calls = 0
 
     async def connection_info(self, uri):
-        self.info_calls += 1
         await asyncio.sleep(self.delay)
         return await super().connection_info(uri)
 
