@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 
 import pytest
@@ -12,6 +13,7 @@ from .proxyproc import ProxyProcess, free_port_block
 
 SHORT = "project-id.us-central1.clust.inst"
 SECOND = URI.replace("/instances/inst", "/instances/second")
+SECOND_SHORT = "project-id.us-central1.clust.second"
 
 
 @pytest.fixture
@@ -41,6 +43,16 @@ def listening_ports(proc):
     return [int(line.rsplit(":", 1)[1]) for line in proc.stdout if "Listening on" in line]
 
 
+def listeners(proc) -> list[tuple[str, int]]:
+    """(instance short name, port) of each "[<short>] Listening on" line, in order."""
+    found = []
+    for line in proc.stdout:
+        match = re.search(r"\[([^\]]+)\] Listening on [\d.]+:(\d+)$", line)
+        if match:
+            found.append((match.group(1), int(match.group(2))))
+    return found
+
+
 def test_precedence_flag_over_env_over_file(launch, tmp_path):
     a, b, c = (free_port_block(1) for _ in range(3))
     cfg = tmp_path / "proxy.toml"
@@ -66,8 +78,7 @@ def test_instance_uris_from_env_stop_at_the_first_gap(launch):
             "ALLOYDB_PROXY_INSTANCE_URI_3": URI.replace("inst", "never"),
         },
     )
-    assert listening_ports(proc) == [port, port + 1]
-    assert f"[{SHORT}] Listening on" in proc.output
+    assert listeners(proc) == [(SHORT, port), (SECOND_SHORT, port + 1)]
 
 
 @pytest.mark.parametrize("fmt", ["toml", "yaml", "json"])
@@ -82,7 +93,7 @@ def test_config_file_formats(launch, tmp_path, fmt):
     else:
         path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
     proc = launch("--config-file", str(path))
-    assert listening_ports(proc) == [port, port + 1]
+    assert listeners(proc) == [(SHORT, port), (SECOND_SHORT, port + 1)]
 
 
 def test_env_bools_use_go_spellings_and_count_as_set(launch, tmp_path):

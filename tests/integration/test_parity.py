@@ -12,9 +12,9 @@ Rows that cannot run here, and why:
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
+import socket
 
 import psycopg
 import pytest
@@ -90,8 +90,9 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> ProxyProcess:
 @pytest.mark.parametrize(
     ("flag", "short", "value"), ROOT_FLAGS, ids=[f"§1 {f}" for f, _, _ in ROOT_FLAGS]
 )
-def test_root_flag_is_accepted(flag, short, value):
-    # --version is eager: it exits 0 once every flag before it has parsed.
+def test_root_flag_parses(flag, short, value):
+    """Only that each flag and its short form parse (what each does is tested
+    elsewhere): --version is eager, it exits 0 once every flag before it has parsed."""
     for spelling in filter(None, (flag, short)):
         args = [spelling] + ([value] if value is not None else []) + ["--version"]
         proc = run_cli(*args)
@@ -221,6 +222,17 @@ def configured_proxy(request, emulator, tmp_path):
         yield proc, ports
 
 
+def refuses_the_sixth(proc, port: int) -> bool:
+    """Six clients at once against --max-connections 5: the sixth is refused."""
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(6)]
+    try:
+        proc.wait_for(r"max connections \(5\) exceeded, refusing new connection")
+        return clients[5].recv(1) == b""
+    finally:
+        for client in clients:
+            client.close()
+
+
 def test_settings_from_env_and_config_files(configured_proxy, emulator):
     proc, ports = configured_proxy
     http = f"http://127.0.0.1:{ports['http']}"
@@ -244,6 +256,7 @@ def test_settings_from_env_and_config_files(configured_proxy, emulator):
         "§1 user agent": any(
             r.user_agent.endswith(" parity-agent/1.0") for r in emulator.admin_requests
         ),
+        "§1 max-connections 5": refuses_the_sixth(proc, ports["proxy"]),
     }
     metrics = http_get(f"{http}/metrics")[1]
     for name in (
@@ -313,6 +326,6 @@ def test_instance_uris_from_numbered_env_vars(emulator):
     }
     with ProxyProcess([], env=env) as proc:
         proc.wait_ready()
-        assert f"Listening on 127.0.0.1:{base}" in proc.output
-        assert f"Listening on 127.0.0.1:{base + 1}" in proc.output
-    assert os.environ.get("ALLOYDB_PROXY_INSTANCE_URI") is None
+        # Each URI its own listener, in order: two URIs collapsing into one would fail.
+        assert f"[{SHORT}] Listening on 127.0.0.1:{base}" in proc.output
+        assert f"[{SHORT[: -len('inst')]}other] Listening on 127.0.0.1:{base + 1}" in proc.output
