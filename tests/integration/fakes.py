@@ -76,6 +76,7 @@ class IdentityFakes:
         self.expires_in = 3600
         self.imdsv2_required = True
         self.sts_error: str | None = None
+        self.token_status: int | None = None  # the OAuth2 endpoint answers this, if set
         self.log: list[tuple[str, str, dict[str, str], str]] = []
         self.issued: list[str] = []
         self.expires: dict[str, float] = {}  # token -> UNIX time it expires
@@ -143,6 +144,8 @@ class IdentityFakes:
 
     def route(self, method, path, headers, body):  # noqa: C901 - one table of fakes
         url = urlparse(path)
+        if url.path == "/token" and method == "POST" and self.token_status:
+            return self.token_status, {"error": "temporarily_unavailable"}, None
         if url.path == "/token" and method == "POST":  # Google OAuth2
             form = {k: v[0] for k, v in parse_qs(body).items()}
             if form.get("grant_type") == "urn:ietf:params:oauth:grant-type:jwt-bearer":
