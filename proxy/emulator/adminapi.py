@@ -8,8 +8,8 @@ Control routes, for fault switches from outside the process (no token needed):
   POST /emulator/v1/faults    JSON object of switches (see faults.py); ``"instance": URI``
                               targets one instance, ``"clear": true`` resets first
   GET  /emulator/v1/requests  the Admin API request log and the metadata exchanges
-Errors use Google's JSON error body, with an ErrorInfo in ``details`` as the
-service sends it. Requests need ``Authorization: Bearer`` with a known,
+Errors use Google's JSON error body; authentication, permission and quota
+errors carry an ErrorInfo in ``details``, as the service's do. Requests need ``Authorization: Bearer`` with a known,
 unexpired token that has the cloud-platform scope and whose principal may
 connect (any non-empty token when the emulator was given ``tokens=None``).
 An encoded slash (``%2F``) in a path is not a separator. ``v1`` answers without
@@ -160,6 +160,13 @@ def _certificate_request(body: dict[str, Any]) -> dict[str, Any]:
             raise HttpError(
                 400, f'Invalid JSON payload received. Unknown name "{key}": Cannot find field.'
             )
+        if name in out:
+            raise HttpError(
+                400,
+                f"Invalid JSON payload received. Field '{_CERT_FIELDS[name]}' is given twice.",
+            )
+        if value is None:
+            continue  # proto3 JSON: null is the field's default
         out[name] = value
     flag = out.get("useMetadataExchange", False)
     if not isinstance(flag, bool):
@@ -353,7 +360,14 @@ class AdminAPIServer:
             if status is None:
                 continue
             if status == 429:
-                retry_after = faults.admin_retry_after
+                retry_after = next(
+                    (
+                        f.admin_retry_after
+                        for f in [faults, self.emu.faults]
+                        if f.admin_retry_after is not None
+                    ),
+                    None,
+                )
                 raise HttpError(
                     429,
                     "Quota exceeded for quota metric 'Requests' and limit 'Requests per "

@@ -128,6 +128,7 @@ class Emulator:
         self._admin = AdminAPIServer(self)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._postgres_loopback: bool | None = None
 
     # ---- set-up ---------------------------------------------------------
 
@@ -165,6 +166,21 @@ class Emulator:
                 raise
         return inst
 
+    def postgres_on_loopback(self) -> bool:
+        """PostgreSQL is reached over IPv4 loopback, so the emulator can choose the
+        source address of its connections (see pgcluster's HBA lines)."""
+        if self._postgres_loopback is None:
+            try:
+                found = socket.getaddrinfo(
+                    self.postgres_host, self.postgres_port, socket.AF_INET, socket.SOCK_STREAM
+                )
+            except OSError:
+                found = []
+            self._postgres_loopback = bool(found) and all(
+                info[4][0].startswith("127.") for info in found
+            )
+        return self._postgres_loopback
+
     def rotate_server_certificate(self, uri: str, *, new_ca: bool = False) -> None:
         """Give the instance a new server certificate while proxies run. With
         ``new_ca`` its cluster gets a new CA too: connectionInfo's caCert and new
@@ -172,16 +188,19 @@ class Emulator:
         Sessions of the old identity cannot be resumed."""
         inst = self.instances[uri]
         targets = [inst]
+        ca = inst.ca
         if new_ca:
             ca = ClusterCA(inst.cluster)
-            self.clusters[inst.cluster] = ca
             targets = [i for i in list(self.instances.values()) if i.cluster == inst.cluster]
-            for member in targets:
-                member.ca = ca
-        for member in targets:
-            server = self._servers.get(member.uri)
-            if server is not None:
-                server.rebuild()
+        # Everything is built first and swapped in together, so the Admin API
+        # never hands out the new CA while a server still uses the old one.
+        servers = [(m, self._servers.get(m.uri)) for m in targets]
+        prepared = [(m, s, s.prepare(ca) if s is not None else None) for m, s in servers]
+        self.clusters[inst.cluster] = ca
+        for member, server, contexts in prepared:
+            member.ca = ca
+            if server is not None and contexts is not None:
+                server.install(contexts)
 
     def server_identity(self, inst: Instance) -> tuple[str, bytes]:
         """A server certificate chain (PEM) and key (PKCS#8 PEM) valid for the instance."""

@@ -68,6 +68,11 @@ class Faults:
             raise ValueError(f"unknown fault switch(es): {', '.join(sorted(unknown))}")
         if switches.get("admin_status_method") not in ADMIN_METHODS:
             raise ValueError(f"admin_status_method must be one of {ADMIN_METHODS}")
+        retry_after = switches.get("admin_retry_after")
+        if retry_after is not None and not (
+            isinstance(retry_after, int) and not isinstance(retry_after, bool) and retry_after >= 0
+        ):
+            raise ValueError(f"admin_retry_after must be whole seconds, got {retry_after!r}")
         status = switches.get("admin_status")
         if status is not None and not (isinstance(status, int) and 100 <= status <= 599):
             raise ValueError(f"admin_status must be an HTTP status code, got {status!r}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import os
 import socket
 import ssl
@@ -123,6 +124,13 @@ class _Reader:
         self.pending = data + self.pending
 
 
+def _startup_user(params: bytes) -> str:
+    """The ``user`` of a StartupMessage's parameters (after its 8-byte header)."""
+    parts = params.split(b"\0")
+    pairs = dict(zip(parts[0::2], parts[1::2], strict=False))
+    return pairs.get(b"user", b"").decode("utf-8", "replace")
+
+
 class _SwitchingContext(ssl.SSLContext):
     """A server context that may hand a new connection to another context.
 
@@ -160,23 +168,29 @@ class InstanceServer:
             return contexts["no_resumption"]
         return contexts["good"]
 
-    def rebuild(self) -> None:
-        """A new server certificate (and the cluster's current CA, which the
-        instance's ``ca`` names) for every new connection; sessions of the old
-        one cannot be resumed (new ticket keys)."""
-        self._contexts = self._build_contexts(self._other_ca)
+    def prepare(self, ca: ClusterCA) -> dict[str, _SwitchingContext]:
+        """Contexts with a new server certificate from ``ca`` (see ``install``)."""
+        return self._build_contexts(self._other_ca, ca)
+
+    def install(self, contexts: dict[str, _SwitchingContext]) -> None:
+        """Serve new connections with ``contexts``; sessions of the old ones cannot
+        be resumed (new ticket keys)."""
+        self._contexts = contexts
 
     def _context(
         self,
         cert: x509.Certificate,
         key_bytes: bytes,
         chain_root: str,
+        ca: ClusterCA,
         client_ca: str | None = None,
     ) -> _SwitchingContext:
+        """A server context presenting ``cert``; client certificates must chain to
+        ``ca`` (or to ``client_ca``, a PEM, for the reject fault)."""
         ctx = _SwitchingContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(cadata=client_ca or self.inst.ca.root_pem)
+        ctx.load_verify_locations(cadata=client_ca or ca.root_pem)
         # ssl only loads certificates from files: write them to a private temp dir.
         with tempfile.TemporaryDirectory() as tmp:
             cert_path = os.path.join(tmp, "cert.pem")
@@ -188,23 +202,26 @@ class InstanceServer:
             ctx.load_cert_chain(cert_path, key_path)
         return ctx
 
-    def _build_contexts(self, other_ca: ClusterCA) -> dict[str, _SwitchingContext]:
+    def _build_contexts(
+        self, other_ca: ClusterCA, ca: ClusterCA | None = None
+    ) -> dict[str, _SwitchingContext]:
         inst = self.inst
+        ca = ca or inst.ca
         dns = [inst.psc_dns_name] if inst.psc_dns_name else []
-        good, key = inst.ca.server_certificate(inst.certificate_ips, dns, inst.uid)
-        wrong, _ = inst.ca.server_certificate(
+        good, key = ca.server_certificate(inst.certificate_ips, dns, inst.uid)
+        wrong, _ = ca.server_certificate(
             ["127.255.255.254"], ["wrong.alloydb.invalid"], inst.uid, key=key
         )
-        foreign, _ = inst.ca.server_certificate(
+        foreign, _ = ca.server_certificate(
             inst.certificate_ips, dns, inst.uid, key=key, signer=other_ca
         )
         k = key_pem(key)
         contexts = {
-            "good": self._context(good, k, inst.ca.root_pem),
-            "wrong_san": self._context(wrong, k, inst.ca.root_pem),
-            "unknown_ca": self._context(foreign, k, other_ca.root_pem),
-            "reject_client_certs": self._context(good, k, inst.ca.root_pem, other_ca.root_pem),
-            "no_resumption": self._context(good, k, inst.ca.root_pem),
+            "good": self._context(good, k, ca.root_pem, ca),
+            "wrong_san": self._context(wrong, k, ca.root_pem, ca),
+            "unknown_ca": self._context(foreign, k, other_ca.root_pem, ca),
+            "reject_client_certs": self._context(good, k, ca.root_pem, ca, other_ca.root_pem),
+            "no_resumption": self._context(good, k, ca.root_pem, ca),
         }
         contexts["no_resumption"].num_tickets = 0  # TLS 1.3: no tickets, no resumption
 
@@ -277,7 +294,12 @@ class InstanceServer:
 
     async def _expects_mdx(self, stream: _Reader, writer: asyncio.StreamWriter) -> bool:
         der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-        issued = self.emu.issued.get(x509.load_der_x509_certificate(der).serial_number)
+        cert = x509.load_der_x509_certificate(der)
+        if cert.not_valid_after_utc <= dt.datetime.now(dt.timezone.utc):
+            # OpenSSL does not check the client certificate again when a session
+            # is resumed; the service does not accept an expired one either way.
+            raise EOFError("client certificate expired (resumed session)")
+        issued = self.emu.issued.get(cert.serial_number)
         if issued is not None:
             return issued
         head = await asyncio.wait_for(stream.readexactly(5), MDX_TIMEOUT)
@@ -377,17 +399,24 @@ class InstanceServer:
             await writer.drain()
             return None
         if code == PROTOCOL_3 and auth_type == mdx.AUTO_IAM:
-            parts = rest.split(b"\0")
-            params = dict(zip(parts[0::2], parts[1::2], strict=False))
-            user = params.get(b"user", b"").decode("utf-8", "replace")
+            user = _startup_user(rest)
             if principal is None or user != db_user_for(principal.email):
                 writer.write(pg_error(f'IAM authentication failed for user "{user}"'))
                 await writer.drain()
                 return None
         # Only an AUTO_IAM login comes from the address PostgreSQL trusts for IAM
-        # users; everything else must pass password authentication.
-        source = TRUSTED_SOURCE if auth_type == mdx.AUTO_IAM else PASSWORD_SOURCE
-        local = (source, 0) if emu.postgres_host == "127.0.0.1" else None
+        # users; everything else must pass password authentication. A server
+        # that is not on loopback cannot be told apart by address: there an IAM
+        # user (a name with "@") is refused outright without AUTO_IAM, as an IAM
+        # user has no password to give.
+        local = None
+        if emu.postgres_on_loopback():
+            local = (TRUSTED_SOURCE if auth_type == mdx.AUTO_IAM else PASSWORD_SOURCE, 0)
+        elif code == PROTOCOL_3 and auth_type != mdx.AUTO_IAM and "@" in _startup_user(rest):
+            user = _startup_user(rest)
+            writer.write(pg_error(f'password authentication failed for user "{user}"', "28P01"))
+            await writer.drain()
+            return None
         try:
             pg_reader, pg_writer = await asyncio.open_connection(
                 emu.postgres_host, emu.postgres_port, local_addr=local

@@ -5,7 +5,8 @@ asyncio (3.11 and later) then aborts the transport without sending it, so the
 client sees a bare EOF. AlloyDB's server sends the alert, and a client's error
 wording and refresh decision depend on it, so the emulator flushes the alert
 before asyncio closes. The change is to asyncio's SSLProtocol class, made once
-per process when an emulator starts; it only sends bytes OpenSSL meant to send.
+per process when an emulator starts, and acts on server-side connections only;
+it only sends bytes OpenSSL meant to send.
 Pythons whose asyncio has another TLS layout (3.10) are left as they are.
 """
 
@@ -28,7 +29,9 @@ def install() -> None:
     original = protocol._on_handshake_complete
 
     def on_handshake_complete(self: Any, handshake_exc: BaseException | None) -> None:
-        if handshake_exc is not None:
+        # Servers only: the proxy's own client side in the same process (tests)
+        # must behave as it does in production.
+        if handshake_exc is not None and getattr(self, "_server_side", False):
             with contextlib.suppress(Exception):
                 alert = self._outgoing.read()
                 if alert:

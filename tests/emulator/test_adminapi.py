@@ -157,6 +157,7 @@ def weak_key_pem(bits: int = 2048, exponent: int = 65537) -> str:
         ({"publicKey": weak_key_pem(bits=1024)}, "at least 2048 bits"),
         ({"publicKey": weak_key_pem(exponent=3)}, "exponent 65537"),
         ({"publicKey": 42}, "public_key"),
+        ({"publicKey": public_pem(), "public_key": public_pem()}, "given twice"),
     ],
 )
 def test_bad_body_is_400(emulator, body, message):
@@ -173,6 +174,16 @@ def test_proto_field_names_are_accepted(emulator):
         "POST",
         f"/v1beta/{CLUSTER}:generateClientCertificate",
         body={"public_key": public_pem(), "cert_duration": "7200s", "use_metadata_exchange": True},
+    )
+    assert resp.status_code == 200, resp.text
+
+
+def test_null_fields_are_their_defaults(emulator):
+    resp = call(
+        emulator,
+        "POST",
+        f"/v1beta/{CLUSTER}:generateClientCertificate",
+        body={"publicKey": public_pem(), "parent": None, "useMetadataExchange": None},
     )
     assert resp.status_code == 200, resp.text
 
@@ -397,6 +408,14 @@ def test_rate_limit_answer_has_the_real_body_and_retry_after(emulator):
     error = resp.json()["error"]
     assert error["status"] == "RESOURCE_EXHAUSTED" and "Quota exceeded" in error["message"]
     assert error["details"][0]["reason"] == "RATE_LIMIT_EXCEEDED"
+
+
+def test_retry_after_is_whole_seconds_and_inherited(emulator):
+    with pytest.raises(ValueError, match="whole seconds"):
+        emulator.faults.set(admin_retry_after="1\r\nX-Evil: 1")
+    emulator.faults.set(admin_retry_after=5)  # global; the 429 is the instance's own
+    emulator.instances[URI].faults.set(admin_status=429)
+    assert call(emulator, "GET", f"/v1beta/{URI}/connectionInfo").headers["Retry-After"] == "5"
 
 
 def test_an_instance_without_a_private_ip(emulator):

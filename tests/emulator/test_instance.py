@@ -13,6 +13,7 @@ import os
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 
@@ -33,6 +34,7 @@ from ..conftest import (
     TOKEN_APP,
     TOKEN_DENIED,
     TOKEN_IAM,
+    TOKENS,
     URI,
 )
 from .clients import (
@@ -307,6 +309,55 @@ def test_iam_user_needs_auto_iam(emulator):
     assert info.value.args[0]["C"] == "28P01"
 
 
+def test_iam_user_needs_auto_iam_whatever_the_postgres_host_is_called(pg):
+    """ "localhost" is loopback too: the source address is still chosen."""
+    emu = Emulator(postgres_host="localhost", postgres_port=pg.port, tokens=dict(TOKENS))
+    emu.add_instance(URI)
+    emu.start()
+    try:
+        assert emu.postgres_on_loopback()
+        with pytest.raises(pg8000.native.DatabaseError) as info:
+            mdx_login(emu, TOKEN_IAM, mdx.DB_NATIVE, IAM_DB_USER, "any password")
+        assert info.value.args[0]["C"] == "28P01"
+        conn = mdx_login(emu, TOKEN_IAM, mdx.AUTO_IAM, IAM_DB_USER)
+        assert conn.run("SELECT current_user") == [[IAM_DB_USER]]
+        conn.close()
+    finally:
+        emu.stop()
+
+
+def test_without_loopback_iam_users_are_refused_by_name(emulator):
+    """A PostgreSQL elsewhere cannot be told apart by source address."""
+    emulator._postgres_loopback = False
+    with pytest.raises(pg8000.native.DatabaseError) as info:
+        mdx_login(emulator, TOKEN_IAM, mdx.DB_NATIVE, IAM_DB_USER, "any password")
+    assert info.value.args[0]["C"] == "28P01"
+    conn = mdx_login(emulator, TOKEN_APP, mdx.DB_NATIVE, DB_USER, DB_PASSWORD)
+    assert conn.run("SELECT current_user") == [[DB_USER]]
+    conn.close()
+
+
+def test_an_expired_client_certificate_cannot_resume_a_session(emulator):
+    """OpenSSL does not look at the certificate again on resumption; the emulator does."""
+    ip = emulator.instances[URI].private_ip
+    emulator.faults.set(cert_lifetime=3)
+    body = issue(emulator)
+    ctx = client_context(body["pemCertificateChain"], body["caCert"])
+    with (
+        socket.create_connection((ip, 5433), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname=ip) as tls,
+    ):
+        assert exchange(tls, TOKEN_APP).ok
+        session = tls.session
+    time.sleep(4)
+    with (
+        socket.create_connection((ip, 5433), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname=ip, session=session) as tls,
+        pytest.raises((EOFError, OSError)),
+    ):
+        exchange(tls, TOKEN_APP)
+
+
 def test_auto_iam_with_another_user_is_refused(emulator):
     with pytest.raises(pg8000.native.DatabaseError) as info:
         mdx_login(emulator, TOKEN_APP, mdx.AUTO_IAM, IAM_DB_USER)  # token of app-sa
@@ -539,6 +590,7 @@ def test_rotating_the_server_certificate_and_ca(emulator):
         assert exchange(tls, TOKEN_APP).ok
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio drops the alert before 3.11")
 @pytest.mark.parametrize(
     ("fault", "alert"),
     [

