@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import time
 
 import psycopg
@@ -167,3 +168,36 @@ def test_two_minute_certificates_keep_working_across_refreshes(start_proxy, emul
     ]
     assert len(cert_calls) >= 4, len(cert_calls)
     assert "failed to connect" not in proxy.output
+
+
+def test_running_out_of_file_descriptors_pauses_accepting_only(emulator, port):
+    """EMFILE on accept: the Go proxy exits; this one logs it, pauses accepting
+    briefly, keeps its open connections, and accepts again once fds are free."""
+    from .proxyproc import ProxyProcess
+
+    proxy = ProxyProcess(
+        [URI, "--port", str(port), "--token", "tok-app",
+         "--alloydbadmin-api-endpoint", emulator.admin_url],
+        prefix=["prlimit", "--nofile=64:64", "--"],
+    )  # fmt: skip
+    clients = []
+    try:
+        proxy.wait_ready()
+        with psycopg.connect(dsn(port), autocommit=True) as held:
+            for _ in range(80):  # each spliced client costs the proxy two fds
+                clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+                time.sleep(0.02)
+                if "Too many open files" in proxy.output:
+                    break
+            proxy.wait_for(r"Error accepting connection: .*Too many open files", stream="stderr")
+            assert proxy.proc.poll() is None
+            assert held.execute("SELECT 7").fetchone() == (7,)  # open connections go on
+            for client in clients:
+                client.close()
+            clients.clear()
+            time.sleep(0.5)
+            assert psql("SELECT 8", host="127.0.0.1", port=port).stdout.strip() == "8"
+    finally:
+        for client in clients:
+            client.close()
+        proxy.stop()

@@ -15,7 +15,7 @@ from proxy.adminapi import ClientCertificate, InstanceAddresses
 from proxy.config import Config, InstanceConfig, parse_instance_uri
 from proxy.dialer import Dialer
 from proxy.emulator.pki import ClusterCA
-from proxy.errors import AdminAPIError, RefreshError
+from proxy.errors import AdminAPIError, DialError, RefreshError
 from proxy.keys import KeyPair
 from proxy.log import Logger
 
@@ -95,4 +95,25 @@ async def test_remembered_errors_do_not_pile_up_tracebacks(keys):
         except RefreshError as exc:
             sizes.append(len(traceback.extract_tb(exc.__traceback__)))
     assert client.calls == 2 and max(sizes) < 10
+    d.close()
+
+
+async def test_a_certificate_that_expired_under_the_dialer_is_replaced_first(keys):
+    """After a laptop sleep the cached certificate has expired: the dialer refreshes
+    before it dials, and dials with the new one (here to a port nobody listens on)."""
+
+    class ExpiredFirst(FailingClient):
+        async def client_certificate(self, uri, public_key_pem):
+            self.calls += 1
+            key = serialization.load_pem_public_key(public_key_pem.encode())
+            lifetime = dt.timedelta(hours=1) if self.calls > 2 else -dt.timedelta(minutes=1)
+            leaf = self.ca.client_certificate(key, lifetime)
+            return ClientCertificate(self.ca.chain_pems(leaf), self.ca.root_pem)
+
+    client = ExpiredFirst(None, delay=0)
+    d = Dialer(Config(), None, client, keys, Logger(quiet=True))
+    d._limiters[URI] = dialer.RateLimiter(burst=10)
+    with pytest.raises(DialError, match="failed to dial"):
+        await d.dial(InstanceConfig(URI))
+    assert client.calls == 4  # connectionInfo + certificate, twice
     d.close()
