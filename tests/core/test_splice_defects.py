@@ -392,6 +392,34 @@ def test_a_zero_linger_ends_at_the_client_half_close(run, tls_server, client_con
     run(main)
 
 
+def test_the_half_close_linger_expires_while_the_instance_stays_silent(
+    run, tls_server, client_context
+):
+    """After the client's half-close, the instance gets `linger` seconds to finish;
+    what it sent before still arrives, then the connection ends at the deadline."""
+    before = pattern(50_000, seed=13)
+
+    def answer_then_silence(tls):
+        tls.sendall(before)
+        time.sleep(3)
+
+    server = tls_server(answer_then_silence)
+
+    async def main():
+        s = await spliced(client_context, server.port, linger=0.5)
+        got = await read_slowly(s.sock, chunk=4096, pause=0, limit=len(before))
+        assert got == before
+        began = time.monotonic()
+        s.sock.shutdown(socket.SHUT_WR)
+        assert await s.outcome(2.5) == (_splice.CLIENT_CLOSED, "")
+        waited = time.monotonic() - began
+        assert 0.4 <= waited < 2.0, f"ended {waited:.2f}s after the half-close"
+        assert await asyncio.wait_for(read_slowly(s.sock, pause=0), 2) == b""
+        s.sock.close()
+
+    run(main)
+
+
 def test_urgent_data_does_not_stall_the_stream(run, tls_server, client_context):
     async def main():
         loop = asyncio.get_running_loop()
