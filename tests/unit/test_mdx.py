@@ -54,3 +54,51 @@ def test_malformed_bodies_raise(body):
 
 def test_unknown_fields_are_skipped():
     assert mdx.decode_response(b"\x08\x01\x18\x05\x22\x01x").ok
+
+
+# Found by mutation testing (mutmut on proxy/mdx.py): each of these once survived.
+
+
+def test_three_byte_varints_decode():
+    # auth_type 20000 = a0 9c 01: a varint of three bytes (the shift must accumulate).
+    assert mdx.decode_request(bytes.fromhex("10a09c01")).auth_type == 20000
+
+
+def test_absent_fields_decode_as_their_defaults():
+    request = mdx.decode_request(bytes.fromhex("1002"))
+    assert (request.user_agent, request.oauth2_token) == ("", "")
+
+
+def test_a_string_longer_than_the_body_is_refused():
+    with pytest.raises(mdx.MdxDecodeError, match="truncated"):
+        mdx.decode_request(bytes.fromhex("0a0578"))  # says 5 bytes, has 1
+
+
+def test_decode_errors_say_what_is_wrong():
+    with pytest.raises(mdx.MdxDecodeError, match="truncated varint"):
+        mdx.decode_request(bytes.fromhex("1080"))
+    with pytest.raises(mdx.MdxDecodeError, match="should be a varint"):
+        mdx.decode_request(bytes.fromhex("1201" + "61"))
+    with pytest.raises(mdx.MdxDecodeError, match="must be 4 bytes"):
+        mdx.body_length(b"\x00\x00\x01")
+
+
+def test_the_size_limit_is_inclusive_and_the_length_unsigned():
+    largest = bytes(mdx.MAX_MESSAGE_SIZE)
+    assert mdx.frame(largest)[:4] == mdx.MAX_MESSAGE_SIZE.to_bytes(4, "big")
+    assert mdx.body_length(mdx.MAX_MESSAGE_SIZE.to_bytes(4, "big")) == mdx.MAX_MESSAGE_SIZE
+    with pytest.raises(mdx.MdxDecodeError, match="exceeds"):
+        mdx.body_length(bytes.fromhex("80000000"))  # not a negative size
+
+
+def test_ten_byte_varints_decode_and_other_errors_are_named():
+    # A negative enum is sent as a ten-byte varint; its last byte has shift 63.
+    assert mdx.decode_request(bytes.fromhex("10ffffffffffffffffff01")).auth_type == 2**64 - 1
+    with pytest.raises(mdx.MdxDecodeError, match="varint too long"):
+        mdx.decode_request(bytes.fromhex("10" + "ff" * 10 + "01"))
+    with pytest.raises(mdx.MdxDecodeError, match="unsupported wire type 5"):
+        mdx.decode_request(bytes.fromhex("0d00000000"))
+    with pytest.raises(mdx.MdxDecodeError, match="field 1 should be a string"):
+        mdx.decode_request(bytes.fromhex("0801"))
+    with pytest.raises(mdx.MdxDecodeError, match=r"message of 16385 bytes exceeds 16384"):
+        mdx.frame(bytes(mdx.MAX_MESSAGE_SIZE + 1))
