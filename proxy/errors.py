@@ -17,8 +17,9 @@ class ProxyError(Exception):
     """Base class for every error the proxy reports."""
 
 
-class BadCommandError(ProxyError):
-    """Invalid command line, environment or configuration (``Error: <msg>`` + usage, exit 1)."""
+class BadCommandError(ProxyError, ValueError):
+    """Invalid command line, environment or configuration (``Error: <msg>`` + usage, exit 1);
+    ``proxy.ConfigError`` for programs using ``proxy.Proxy``."""
 
 
 class StartupError(ProxyError):

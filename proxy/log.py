@@ -129,7 +129,35 @@ class Logger:
         self._write(self.stderr, "ERROR", message % args if args else message)
 
 
-_logger = Logger()
+class StdlibLogger(Logger):
+    """The same calls, into the ``proxy`` logger of the ``logging`` module: what a
+    program that imports the proxy gets (nothing printed); the CLI replaces it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import logging
+
+        self._std = logging.getLogger("proxy")
+
+    @property
+    def debug_enabled(self) -> bool:
+        return self._std.isEnabledFor(10)
+
+    @debug_enabled.setter
+    def debug_enabled(self, value: bool) -> None:
+        pass  # the logging module's level decides
+
+    def info(self, message: str, *args: object) -> None:
+        self._std.info(message.rstrip("\n"), *args)
+
+    def debug(self, message: str, *args: object) -> None:
+        self._std.debug(message.rstrip("\n"), *args)
+
+    def error(self, message: str, *args: object) -> None:
+        self._std.error(message.rstrip("\n"), *args)
+
+
+_logger: Logger = StdlibLogger()
 
 
 def get_logger() -> Logger:

@@ -147,6 +147,26 @@ class ProxyServer:
         bound = sock.getsockname()
         return Listener(inst, sock, _format_addr(family, bound))
 
+    def bound(self) -> list[tuple[InstanceConfig, str, int, str | None]]:
+        """Each listener as (instance, host, port, unix socket path or None), in
+        the order of the configuration; TCP ports as bound (port 0 resolved)."""
+        out: list[tuple[InstanceConfig, str, int, str | None]] = []
+        for listener in self._listeners:
+            if listener.unix_path is not None:
+                directory, name = os.path.split(listener.unix_path)
+                out.append(
+                    (listener.inst, directory, int(name.rsplit(".", 1)[-1]), listener.unix_path)
+                )
+            else:
+                host, port = listener.sock.getsockname()[:2]
+                out.append((listener.inst, host, port, None))
+        return out
+
+    def abort_connections(self) -> None:
+        """End every open connection now (their on-done reports follow)."""
+        for splice in list(self._splices):
+            splice.abort()
+
     def start_accepting(self) -> None:
         loop = asyncio.get_running_loop()
         for listener in self._listeners:

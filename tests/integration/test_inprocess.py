@@ -1,0 +1,163 @@
+"""proxy.Proxy inside this test process, against the emulator, with real drivers."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import threading
+
+import asyncpg
+import pg8000.native
+import psycopg
+import psycopg2
+import pytest
+import sqlalchemy
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import proxy
+
+from .conftest import DB_NAME, DB_PASSWORD, DB_USER, IAM_DB_USER, TOKEN_APP, TOKEN_IAM, URI
+from .proxyproc import free_port_block
+
+NATIVE = {"user": DB_USER, "password": DB_PASSWORD, "dbname": DB_NAME}
+
+
+def test_psycopg_through_a_private_unix_socket(emulator):
+    with proxy.Proxy(URI, token=TOKEN_APP, alloydbadmin_api_endpoint=emulator.admin_url) as p:
+        (listener,) = p.listeners
+        assert listener.instance == URI and listener.socket_path
+        directory = os.path.dirname(listener.host)
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+        with psycopg.connect(p.dsn(**NATIVE)) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (DB_USER,)
+        with psycopg2.connect(p.dsn(**NATIVE)) as conn, conn.cursor() as cur:
+            cur.execute("SELECT 2")
+            assert cur.fetchone() == (2,)
+    assert not os.path.exists(directory)  # removed at close
+
+
+def test_auto_iam_login_with_an_at_sign_in_the_user(emulator):
+    with proxy.Proxy(
+        URI, token=TOKEN_IAM, auto_iam_authn=True, alloydbadmin_api_endpoint=emulator.admin_url
+    ) as p:
+        dsn = p.dsn(user=IAM_DB_USER, dbname=DB_NAME)
+        assert "sa-name%40project-id.iam@" in dsn
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (IAM_DB_USER,)
+    assert emulator.mdx_requests[-1][1].auth_type == 2  # AUTO_IAM
+
+
+async def test_asyncpg_on_the_callers_loop(emulator):
+    async with proxy.Proxy(URI, token=TOKEN_APP, alloydbadmin_api_endpoint=emulator.admin_url) as p:
+        conn = await asyncpg.connect(p.dsn(**NATIVE))
+        try:
+            assert await conn.fetchval("SELECT 40 + 2") == 42
+        finally:
+            await conn.close()
+        engine = create_async_engine(p.sqlalchemy_url(driver="asyncpg", **NATIVE))
+        async with engine.connect() as sa:
+            assert (await sa.execute(sqlalchemy.text("SELECT 5"))).scalar() == 5
+        await engine.dispose()
+
+
+def test_sqlalchemy_drivers_and_tcp(emulator):
+    port = free_port_block(1)
+    with proxy.Proxy(
+        URI, token=TOKEN_APP, port=port, alloydbadmin_api_endpoint=emulator.admin_url
+    ) as p:
+        (listener,) = p.listeners
+        assert (listener.host, listener.port, listener.socket_path) == ("127.0.0.1", port, None)
+        for driver in ("psycopg", "psycopg2", "pg8000"):
+            engine = sqlalchemy.create_engine(p.sqlalchemy_url(driver=driver, **NATIVE))
+            with engine.connect() as sa:
+                assert sa.execute(sqlalchemy.text("SELECT current_user")).scalar() == DB_USER
+            engine.dispose()
+        conn = pg8000.native.Connection(DB_USER, port=port, password=DB_PASSWORD, database=DB_NAME)
+        assert conn.run("SELECT 3") == [[3]]
+        conn.close()
+        assert p.stats()["project-id.us-central1.clust.inst"]["bytes_received"] > 0
+
+
+def test_two_proxies_at_once(make_emulator):
+    first = make_emulator()
+    other = URI.replace("/instances/inst", "/instances/two")
+    second = make_emulator(instances={other: {}})
+    with (
+        proxy.Proxy(URI, token=TOKEN_APP, alloydbadmin_api_endpoint=first.admin_url) as a,
+        proxy.Proxy(other, token=TOKEN_APP, alloydbadmin_api_endpoint=second.admin_url) as b,
+        psycopg.connect(a.dsn(**NATIVE)) as ca,
+        psycopg.connect(b.dsn(**NATIVE)) as cb,
+    ):
+        assert ca.execute("SELECT 1").fetchone() == cb.execute("SELECT 1").fetchone()
+    assert first.connections and second.connections
+
+
+def test_bad_options_are_refused_before_anything_starts():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tokn'"):
+        proxy.Proxy(URI, tokn="x")
+    with pytest.raises(proxy.ConfigError, match="cannot specify --token and --credentials-file"):
+        proxy.Proxy(URI, token="x", credentials_file="f.json")
+    with pytest.raises(ValueError, match="missing instance uri"):
+        proxy.Proxy()
+
+
+def test_start_up_errors_are_raised_not_printed(emulator, tmp_path, capfd):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    from proxy.errors import StartupError
+
+    with (
+        pytest.raises(StartupError, match="invalid JSON"),
+        proxy.Proxy(URI, credentials_file=str(bad)),
+    ):
+        pass
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_another_user_cannot_reach_the_socket(emulator):
+    with proxy.Proxy(URI, token=TOKEN_APP, alloydbadmin_api_endpoint=emulator.admin_url) as p:
+        path = p.listeners[0].socket_path
+        probe = (
+            "import socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "try:\n    s.connect(sys.argv[1])\nexcept OSError as e:\n    print(e.errno)\n"
+            "else:\n    print('connected')\n"
+        )
+        result = subprocess.run(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+             "/usr/bin/python3", "-c", probe, path],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert result.stdout.strip() == "13", result  # EACCES
+
+
+def test_start_and_stop_leave_nothing_behind(emulator):
+    def counts() -> tuple[int, int]:
+        return len(os.listdir("/proc/self/fd")), threading.active_count()
+
+    def cycle() -> None:
+        with (
+            proxy.Proxy(URI, token=TOKEN_APP, alloydbadmin_api_endpoint=emulator.admin_url) as p,
+            psycopg.connect(p.dsn(**NATIVE)) as conn,
+        ):
+            conn.execute("SELECT 1")
+
+    cycle()  # the first start-up creates what lives for the process (the data plane)
+    before = counts()
+    for _ in range(20):
+        cycle()
+    fds, threads = counts()
+    assert fds <= before[0] + 2 and threads <= before[1], (before, (fds, threads))
+
+
+def test_an_open_connection_is_ended_at_close(emulator):
+    p = proxy.Proxy(URI, token=TOKEN_APP, alloydbadmin_api_endpoint=emulator.admin_url)
+    p.start()
+    conn = psycopg.connect(p.dsn(**NATIVE), autocommit=True)
+    assert p.stats()["project-id.us-central1.clust.inst"]["open_connections"] == 1
+    p.close()
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("SELECT 1")
+    conn.close()
