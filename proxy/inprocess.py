@@ -43,6 +43,16 @@ _NOT_OPTIONS = {"version", "config_file", "help"}
 DRIVERS = ("psycopg", "psycopg2", "asyncpg", "pg8000")
 
 
+class ConnectionTestFailed(DialError):
+    """A connection test failed; the text is the command's (every failure, joined)."""
+
+    def __init__(self, errors: str) -> None:
+        super().__init__("connection test failed", "", errors)
+
+    def __str__(self) -> str:
+        return str(self.cause)
+
+
 @dataclass(frozen=True)
 class ListenerInfo:
     """Where one instance is served: a unix socket (``socket_path`` set, ``host``
@@ -193,6 +203,24 @@ class Proxy:
             raise ValueError(f"unknown driver {driver!r}: expected one of {', '.join(DRIVERS)}")
         return self._url(f"postgresql+{driver}", instance, params)
 
+    def connection_test(self) -> Any:
+        """Dial every instance once (Admin API, TLS, metadata exchange); raise
+        ``proxy.DialError`` with the command's message if any fails. On a proxy
+        started with ``async with``, returns the coroutine to await."""
+        self._check_usable()
+        if self._thread is None:
+            return self._aconnection_test()
+        future = asyncio.run_coroutine_threadsafe(self._aconnection_test(), self._loop)  # type: ignore[arg-type]
+        future.result()
+        return None
+
+    async def _aconnection_test(self) -> None:
+        if self._parts is None:
+            raise RuntimeError("the proxy is not running")
+        errors = await self._parts[0].connection_test()
+        if errors:
+            raise ConnectionTestFailed(", ".join(errors))
+
     def stats(self) -> dict[str, dict[str, int]]:
         """Per instance (short name): open connections, bytes each way so far,
         certificate refreshes that succeeded and failed."""
@@ -274,9 +302,7 @@ class Proxy:
             ]
             server.start_accepting()
             if cfg.run_connection_test:
-                errors = await server.connection_test()
-                if errors:
-                    raise DialError("connection test failed", ", ".join(errors))
+                await self._aconnection_test()
         except BaseException:
             await self._aclose()
             raise
@@ -348,4 +374,4 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-__all__ = ["BadCommandError", "ListenerInfo", "Proxy"]
+__all__ = ["BadCommandError", "ConnectionTestFailed", "ListenerInfo", "Proxy"]

@@ -177,7 +177,7 @@ class Emulator:
             except OSError:
                 found = []
             self._postgres_loopback = bool(found) and all(
-                info[4][0].startswith("127.") for info in found
+                str(info[4][0]).startswith("127.") for info in found
             )
         return self._postgres_loopback
 

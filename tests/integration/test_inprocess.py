@@ -161,3 +161,22 @@ def test_an_open_connection_is_ended_at_close(emulator):
     with pytest.raises(psycopg.OperationalError):
         conn.execute("SELECT 1")
     conn.close()
+
+
+def test_connection_test_raises_the_commands_message(emulator):
+    with proxy.Proxy(URI, token=TOKEN_APP, alloydbadmin_api_endpoint=emulator.admin_url) as p:
+        p.connection_test()
+        emulator.faults.set(mdx_error="not today")
+        with pytest.raises(proxy.DialError) as caught:
+            p.connection_test()
+        assert str(caught.value) == "not today"
+    with (
+        pytest.raises(proxy.DialError, match="not today"),
+        proxy.Proxy(
+            URI,
+            token=TOKEN_APP,
+            run_connection_test=True,
+            alloydbadmin_api_endpoint=emulator.admin_url,
+        ),
+    ):
+        pass
