@@ -114,6 +114,26 @@ class Proxy:
         self._metrics: Any = None
         self._listeners: list[ListenerInfo] = []
 
+    @classmethod
+    def from_environment(cls, *instance_uris: str, config_file: str = "", **options: Any) -> Proxy:
+        """As the command reads them: keyword options first, then ``ALLOYDB_PROXY_*``
+        variables, then ``config_file`` (TOML, YAML or JSON); instance URIs from
+        the arguments, else from ``ALLOYDB_PROXY_INSTANCE_URI[_N]`` or the file."""
+        from proxy.cli import _unset_option_converters, root
+        from proxy.settings import load_config_file, overlay
+
+        ctx = root.make_context("alloydb-auth-proxy", [], resilient_parsing=True)
+        file_values = load_config_file(config_file) if config_file else {}
+        found = overlay(
+            _unset_option_converters(ctx, set(options)),
+            environ=os.environ,
+            file_values=file_values,
+            file_path=config_file,
+        )
+        merged = {name.replace("-", "_"): value for name, value in found.values.items()}
+        merged.update(options)
+        return cls(*(instance_uris or tuple(found.instances)), **merged)
+
     # ---- synchronous use: our own loop on a thread -------------------------
 
     def __enter__(self) -> Proxy:

@@ -180,3 +180,14 @@ def test_connection_test_raises_the_commands_message(emulator):
         ),
     ):
         pass
+
+
+def test_the_environment_is_read_only_when_asked(emulator, monkeypatch):
+    monkeypatch.setenv("ALLOYDB_PROXY_INSTANCE_URI", URI)
+    monkeypatch.setenv("ALLOYDB_PROXY_TOKEN", TOKEN_APP)
+    monkeypatch.setenv("ALLOYDB_PROXY_ALLOYDBADMIN_API_ENDPOINT", emulator.admin_url)
+    with pytest.raises(proxy.ConfigError, match="missing instance uri"):
+        proxy.Proxy()  # the environment is not read
+    with proxy.Proxy.from_environment() as p, psycopg.connect(p.dsn(**NATIVE)) as conn:
+        assert conn.execute("SELECT 9").fetchone() == (9,)
+        assert p.listeners[0].socket_path  # still the private directory
