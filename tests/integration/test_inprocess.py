@@ -191,3 +191,19 @@ def test_the_environment_is_read_only_when_asked(emulator, monkeypatch):
     with proxy.Proxy.from_environment() as p, psycopg.connect(p.dsn(**NATIVE)) as conn:
         assert conn.execute("SELECT 9").fetchone() == (9,)
         assert p.listeners[0].socket_path  # still the private directory
+
+
+def test_a_forked_child_is_told_to_make_its_own(emulator):
+    with proxy.Proxy(URI, token=TOKEN_APP, alloydbadmin_api_endpoint=emulator.admin_url) as p:
+        pid = os.fork()
+        if pid == 0:  # the child: only os._exit leaves it
+            try:
+                p.connection_test()
+            except RuntimeError as exc:
+                os._exit(0 if "another process" in str(exc) else 2)
+            except BaseException:
+                os._exit(3)
+            os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        p.connection_test()  # the parent's proxy is untouched
