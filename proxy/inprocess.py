@@ -11,9 +11,14 @@ printed logs:
 * listeners are, unless ``port``, ``address`` or ``unix_socket`` say
   otherwise, unix sockets in a fresh directory of mode 0700, removed at close:
   no other local user can reach them.
-* ``with Proxy(...)`` runs the proxy on an event loop of its own, on a
-  background thread; ``async with Proxy(...)`` runs it on the caller's loop.
-* logs go to the ``proxy`` logger of the ``logging`` module.
+* every Proxy of the process runs on one event loop on a background thread
+  (the native data plane reports to one loop); ``with Proxy(...)`` waits for
+  it, ``async with Proxy(...)`` awaits it from the caller's loop (asyncio or
+  uvloop). The thread ends with the last Proxy.
+* options of the command that a library cannot honour (its HTTP servers, log
+  format, signals, FUSE, telemetry) are refused, not ignored.
+* logs go to the ``proxy`` logger of the ``logging`` module; nothing is
+  printed unless the program configures logging.
 
 Closing stops accepting, waits up to ``max_sigterm_delay`` for open
 connections, aborts the rest, and removes what start-up created.
@@ -37,8 +42,20 @@ from proxy import staticinfo, workers
 from proxy.config import Config
 from proxy.errors import BadCommandError, DialError, StartupError
 
-#: Options that only make sense for the command.
+#: Not options at all.
 _NOT_OPTIONS = {"version", "config_file", "help"}
+#: The command's options that a Proxy does not honour (its HTTP servers, its own
+#: log format, signals and exit codes, FUSE, telemetry): refused, not ignored.
+COMMAND_ONLY = frozenset(
+    {
+        "quitquitquit", "health_check", "http_address", "http_port", "admin_port",
+        "debug", "prometheus", "prometheus_namespace", "with_backend_check",
+        "quiet", "debug_logs", "structured_logs", "min_sigterm_delay", "exit_zero_sigterm",
+        "fuse", "fuse_tmp_dir", "telemetry_project", "telemetry_prefix",
+        "telemetry_sample_rate", "disable_traces", "disable_metrics",
+        "disable_built_in_telemetry",
+    }
+)  # fmt: skip
 #: SQLAlchemy driver names ``sqlalchemy_url`` knows.
 DRIVERS = ("psycopg", "psycopg2", "asyncpg", "pg8000")
 
@@ -67,35 +84,123 @@ class ListenerInfo:
 def build_config(instance_uris: tuple[str, ...], options: dict[str, Any]) -> Config:
     """The Config the CLI would build from these flags (``ConfigError`` if it would refuse).
 
-    Defaults come from the CLI's own options, converted as the CLI converts
-    them; a string value is converted the same way (``max_sigterm_delay="30s"``),
-    other values are taken as given (``max_sigterm_delay=30.0``).
+    Defaults come from the CLI's own options. A value is checked as the CLI
+    checks a flag's text: strings are parsed as the CLI parses them
+    (``max_sigterm_delay="30s"``, ``psc="false"``), numbers as their decimal
+    text, except that a duration may be given in seconds (``max_sigterm_delay=30``).
     """
     import click
 
+    from proxy.cli import GoDuration, root
     from proxy.cli import build_config as cli_build_config
-    from proxy.cli import root
+    from proxy.settings import parse_go_bool
 
-    ctx = root.make_context("alloydb-auth-proxy", [], resilient_parsing=True)
+    ctx = _context()
     params = {
         param.name: param
         for param in root.params
         if isinstance(param, click.Option) and param.name and param.name not in _NOT_OPTIONS
     }
-    opts = {name: ctx.params.get(name) for name in params}
+    opts: dict[str, Any] = {}
+    for name, option in params.items():
+        default = option.get_default(ctx, call=True)
+        opts[name] = option.type_cast_value(ctx, default) if isinstance(default, str) else default
     for name, value in options.items():
-        param = params.get(name)
-        if param is None:
+        given = params.get(name)
+        if given is None:
             raise TypeError(f"Proxy() got an unexpected keyword argument {name!r}")
-        if param.is_flag:
-            value = bool(value)
-        elif isinstance(value, str):
-            try:
-                value = param.type.convert(value, param, ctx)
-            except click.BadParameter as exc:
-                raise BadCommandError(f"{name}: {exc.format_message()}") from None
-        opts[name] = value
+        if name in COMMAND_ONLY:
+            raise BadCommandError(
+                f"{name} is an option of the command only; proxy.Proxy does not support it"
+            )
+        opts[name] = _converted(name, value, given, ctx, GoDuration, parse_go_bool)
     return cli_build_config(tuple(instance_uris), opts, frozenset(options))
+
+
+def _context() -> Any:
+    """A click context of the command, for converting values. Not make_context():
+    parsing would build and cache the command's help option without its -h."""
+    import click
+
+    from proxy.cli import root
+
+    return click.Context(root, info_name="alloydb-auth-proxy", resilient_parsing=True)
+
+
+def _converted(name: str, value: Any, param: Any, ctx: Any, duration: type, parse_bool: Any) -> Any:
+    import click
+
+    if value is None:
+        raise BadCommandError(f"{name} must not be None (leave it out for the default)")
+    if param.is_flag:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return parse_bool(value)
+            except ValueError:
+                raise BadCommandError(f'invalid boolean "{value}" for {name}') from None
+        raise BadCommandError(f"{name} must be a bool, not {type(value).__name__}")
+    if isinstance(param.type, duration) and isinstance(value, (int, float)):
+        if isinstance(value, bool) or value < 0 or value != value:
+            raise BadCommandError(f"{name} must be a duration in seconds >= 0, not {value!r}")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise BadCommandError(f"{name} must be a string or a number, not {type(value).__name__}")
+    try:
+        return param.type.convert(str(value), param, ctx)
+    except click.UsageError as exc:  # BadParameter, and the CLI's own duration errors
+        raise BadCommandError(f"{name}: {exc.format_message()}") from None
+
+
+class _SharedLoop:
+    """The one event loop that runs every Proxy of this process, on a daemon thread.
+
+    The native data plane hands each finished connection to the loop that
+    watches it; two loops would take each other's. So all proxies, started
+    with ``with`` or ``async with``, run here, and ``async with`` awaits them
+    from the caller's loop. The thread ends with the last open Proxy.
+    """
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _users = 0
+
+    @classmethod
+    def acquire(cls) -> asyncio.AbstractEventLoop:
+        with cls._lock:
+            if cls._loop is None:
+                loop = _new_loop()
+                thread = threading.Thread(
+                    target=loop.run_forever, name="alloydb-proxy", daemon=True
+                )
+                thread.start()
+                cls._loop, cls._thread = loop, thread
+            cls._users += 1
+            return cls._loop
+
+    @classmethod
+    def release(cls) -> None:
+        with cls._lock:
+            cls._users -= 1
+            if cls._users > 0 or cls._loop is None or cls._thread is None:
+                return
+            loop, thread = cls._loop, cls._thread
+            cls._loop = cls._thread = None
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+    @classmethod
+    def forget(cls) -> None:
+        """In a forked child: the parent's loop thread does not exist here."""
+        cls._lock = threading.Lock()
+        cls._loop = cls._thread = None
+        cls._users = 0
+
+
+os.register_at_fork(after_in_child=_SharedLoop.forget)
 
 
 class Proxy:
@@ -105,11 +210,11 @@ class Proxy:
         self._cfg = build_config(instance_uris, options)  # refuses bad options at once
         self._private_dir = not ({"port", "address", "unix_socket"} & set(options))
         self._uris = instance_uris
-        self._started = False
+        self._state = "new"  # -> "running" -> "closed"
+        self._mode = ""  # "sync" or "async", by how it was started
         self._pid = os.getpid()
         self._tmpdir: str | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None  # only when we own the loop
+        self._loop: asyncio.AbstractEventLoop | None = None  # the shared loop, while running
         self._parts: tuple[Any, Any, Any] | None = None  # server, dialer, Admin API client
         self._metrics: Any = None
         self._listeners: list[ListenerInfo] = []
@@ -119,13 +224,13 @@ class Proxy:
         """As the command reads them: keyword options first, then ``ALLOYDB_PROXY_*``
         variables, then ``config_file`` (TOML, YAML or JSON); instance URIs from
         the arguments, else from ``ALLOYDB_PROXY_INSTANCE_URI[_N]`` or the file."""
-        from proxy.cli import _unset_option_converters, root
+        from proxy.cli import _unset_option_converters
         from proxy.settings import load_config_file, overlay
 
-        ctx = root.make_context("alloydb-auth-proxy", [], resilient_parsing=True)
+        ctx = _context()
         file_values = load_config_file(config_file) if config_file else {}
         found = overlay(
-            _unset_option_converters(ctx, set(options)),
+            _unset_option_converters(ctx, set(options) | COMMAND_ONLY),
             environ=os.environ,
             file_values=file_values,
             file_path=config_file,
@@ -134,7 +239,7 @@ class Proxy:
         merged.update(options)
         return cls(*(instance_uris or tuple(found.instances)), **merged)
 
-    # ---- synchronous use: our own loop on a thread -------------------------
+    # ---- synchronous use ----------------------------------------------------
 
     def __enter__(self) -> Proxy:
         self.start()
@@ -149,44 +254,43 @@ class Proxy:
         self.close()
 
     def start(self) -> None:
-        """Start on a background thread; start-up errors are raised here."""
-        self._check_usable(starting=True)
-        loop = _new_loop()
-        thread = threading.Thread(target=loop.run_forever, name="alloydb-proxy", daemon=True)
-        thread.start()
-        self._loop, self._thread = loop, thread
+        """Start; start-up errors are raised here, with nothing left behind."""
+        loop = self._begin("sync")
+        future = asyncio.run_coroutine_threadsafe(self._astart(), loop)
         try:
-            asyncio.run_coroutine_threadsafe(self._astart(), loop).result()
+            future.result()
         except BaseException:
-            self._stop_thread()
+            # Also when this wait itself was interrupted (Ctrl-C): the start-up
+            # is cancelled and undone before the error goes on.
+            future.cancel()
+            with contextlib.suppress(BaseException):
+                asyncio.run_coroutine_threadsafe(self._aclose(), loop).result(30)
+            self._end()
             raise
 
     def close(self) -> None:
-        """Stop and release everything (threads, sockets, the private directory)."""
-        if self._thread is None:
-            if self._loop is not None:
-                raise RuntimeError("this Proxy runs on an event loop: use 'await p.aclose()'")
+        """Stop and release everything (connections, sockets, the private directory)."""
+        if self._state != "running":
             return
-        self._check_usable()
+        self._check_process()
+        if self._mode == "async":
+            raise RuntimeError("this Proxy was started with 'async with': use 'await p.aclose()'")
         try:
             asyncio.run_coroutine_threadsafe(self._aclose(), self._loop).result()  # type: ignore[arg-type]
         finally:
-            self._stop_thread()
+            self._end()
 
-    def _stop_thread(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is not None and thread is not None:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-            loop.close()
-        self._loop = self._thread = None
-
-    # ---- asynchronous use: the caller's loop -------------------------------
+    # ---- asynchronous use ---------------------------------------------------
 
     async def __aenter__(self) -> Proxy:
-        self._check_usable(starting=True)
-        self._loop = asyncio.get_running_loop()
-        await self._astart()
+        loop = self._begin("async")
+        try:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._astart(), loop))
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._aclose(), loop))
+            self._end()
+            raise
         return self
 
     async def __aexit__(
@@ -198,11 +302,29 @@ class Proxy:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("this Proxy runs on its own thread: use 'p.close()'")
-        self._check_usable()
-        await self._aclose()
-        self._loop = None
+        if self._state != "running":
+            return
+        self._check_process()
+        try:
+            await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(self._aclose(), self._loop)  # type: ignore[arg-type]
+            )
+        finally:
+            self._end()
+
+    def _begin(self, mode: str) -> asyncio.AbstractEventLoop:
+        self._check_process()
+        if self._state != "new":
+            raise RuntimeError("this Proxy was started already; create a new one")
+        self._state, self._mode = "running", mode
+        self._loop = _SharedLoop.acquire()
+        return self._loop
+
+    def _end(self) -> None:
+        if self._loop is not None:
+            self._loop = None
+            _SharedLoop.release()
+        self._state = "closed"
 
     # ---- what the program uses ---------------------------------------------
 
@@ -227,10 +349,12 @@ class Proxy:
         """Dial every instance once (Admin API, TLS, metadata exchange); raise
         ``proxy.DialError`` with the command's message if any fails. On a proxy
         started with ``async with``, returns the coroutine to await."""
-        self._check_usable()
-        if self._thread is None:
-            return self._aconnection_test()
-        future = asyncio.run_coroutine_threadsafe(self._aconnection_test(), self._loop)  # type: ignore[arg-type]
+        self._check_process()
+        if self._loop is None:
+            raise RuntimeError("the proxy is not running")
+        future = asyncio.run_coroutine_threadsafe(self._aconnection_test(), self._loop)
+        if self._mode == "async":
+            return asyncio.wrap_future(future)
         future.result()
         return None
 
@@ -244,14 +368,24 @@ class Proxy:
     def stats(self) -> dict[str, dict[str, int]]:
         """Per instance (short name): open connections, bytes each way so far,
         certificate refreshes that succeeded and failed."""
+        if self._loop is None:
+            return {}
+
+        async def collect() -> dict[str, dict[str, int]]:
+            return self._stats()  # on the loop's thread, where the counts change
+
+        return asyncio.run_coroutine_threadsafe(collect(), self._loop).result()
+
+    def _stats(self) -> dict[str, dict[str, int]]:
         metrics = self._metrics
         if metrics is None:
             return {}
         live = metrics.live_bytes()
+        done = metrics.bytes_done()
         out: dict[str, dict[str, int]] = {}
         for inst in self._cfg.instances:
             short = inst.uri.short
-            done_sent, done_received = metrics._bytes_done.get(short, (0, 0))
+            done_sent, done_received = done.get(short, (0, 0))
             live_sent, live_received = live.get(short, (0, 0))
             out[short] = {
                 "open_connections": metrics.open_connections.get(short, 0),
@@ -266,14 +400,12 @@ class Proxy:
 
     # ---- inside -------------------------------------------------------------
 
-    def _check_usable(self, starting: bool = False) -> None:
+    def _check_process(self) -> None:
         if os.getpid() != self._pid:
             raise RuntimeError(
                 "this proxy.Proxy was created in another process (before a fork): "
                 "create a new one in this process"
             )
-        if starting and self._started:
-            raise RuntimeError("this Proxy was started already; create a new one")
 
     async def _astart(self) -> None:
         from proxy.adminapi import AdminAPIClient
@@ -285,7 +417,6 @@ class Proxy:
         from proxy.server import ProxyServer
         from proxy.supervisor import user_agent
 
-        self._started = True
         cfg = self._cfg
         if self._private_dir:
             self._tmpdir = tempfile.mkdtemp(prefix="alloydb-proxy-")  # mode 0700
@@ -332,6 +463,7 @@ class Proxy:
         if parts is not None:
             server, dialer, client = parts
             server.close_listeners()
+            await server.cancel_dials()  # a dial in flight would start a splice after the abort
             dialer.close()
             deadline = time.monotonic() + self._cfg.max_sigterm_delay
             while server.connection_count and time.monotonic() < deadline:
@@ -360,6 +492,10 @@ class Proxy:
             auth += "@"
         path = "/" + quote(str(dbname), safe="") if dbname is not None else "/"
         query = {k: str(v) for k, v in params.items()}
+        if listener.socket_path is None and listener.host in ("0.0.0.0", "::"):
+            # Listening everywhere (0.0.0.0 is a dual-stack "::" socket, as in the Go
+            # proxy): this program reaches it on loopback.
+            listener = replace(listener, host="127.0.0.1")
         if listener.socket_path is not None:
             if scheme == "postgresql+pg8000":
                 query["unix_sock"] = listener.socket_path

@@ -138,6 +138,9 @@ class StdlibLogger(Logger):
         import logging
 
         self._std = logging.getLogger("proxy")
+        # A library prints nothing unless the program configures logging.
+        if not any(isinstance(h, logging.NullHandler) for h in self._std.handlers):
+            self._std.addHandler(logging.NullHandler())
 
     @property
     def debug_enabled(self) -> bool:

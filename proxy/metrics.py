@@ -63,6 +63,10 @@ class Metrics:
         totals[0] += sent
         totals[1] += received
 
+    def bytes_done(self) -> dict[str, tuple[int, int]]:
+        """Bytes (sent, received) of the closed connections, per instance."""
+        return {short: (sent, received) for short, (sent, received) in self._bytes_done.items()}
+
     # ---- exposition ------------------------------------------------------
 
     def render(self) -> str:

@@ -162,6 +162,13 @@ class ProxyServer:
                 out.append((listener.inst, host, port, None))
         return out
 
+    async def cancel_dials(self) -> None:
+        """Stop every connection still being set up (its client is closed)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def abort_connections(self) -> None:
         """End every open connection now (their on-done reports follow)."""
         for splice in list(self._splices):

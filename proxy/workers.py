@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -22,12 +23,21 @@ T = TypeVar("T")
 _Job = tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any]]
 
 
+_POOLS: list[DaemonPool] = []
+
+
 class DaemonPool:
     """Up to ``size`` daemon threads, started on demand, running one kind of blocking call."""
 
     def __init__(self, name: str, size: int) -> None:
         self.name = name
         self.size = size
+        self._reset()
+        _POOLS.append(self)
+
+    def _reset(self) -> None:
+        """Empty, with no threads: at creation, and in a forked child, where the
+        parent's threads do not exist (jobs would wait for them forever)."""
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._pending = 0  # queued or running
@@ -70,6 +80,13 @@ class DaemonPool:
                 with self._lock:
                     self._pending -= 1
 
+
+def _after_fork_in_child() -> None:
+    for pool in _POOLS:
+        pool._reset()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 #: Admin API requests (connectionInfo, generateClientCertificate): at most two in
 #: flight per instance, so a few stalled clusters cannot take every thread.

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import subprocess
+import sys
 import threading
 
 import asyncpg
@@ -100,6 +102,35 @@ def test_bad_options_are_refused_before_anything_starts():
         proxy.Proxy(URI, token="x", credentials_file="f.json")
     with pytest.raises(ValueError, match="missing instance uri"):
         proxy.Proxy()
+    refused = {
+        "max_sigterm_delay": "bogus",
+        "port": 6000.5,
+        "max_connections": -3,
+        "token": None,
+        "auto_iam_authn": "maybe",
+        "psc": 1,
+        "health_check": True,  # the command's HTTP servers are not the library's
+        "quiet": True,
+    }
+    for name, value in refused.items():
+        with pytest.raises(proxy.ConfigError, match=name):
+            proxy.Proxy(URI, **{name: value})
+
+
+def test_option_values_are_read_as_the_command_reads_them():
+    from proxy.inprocess import build_config
+
+    cfg = build_config(
+        (URI,),
+        {"auto_iam_authn": "false", "psc": "true", "max_sigterm_delay": "1m", "port": "7000"},
+    )
+    assert (cfg.auto_iam_authn, cfg.psc, cfg.max_sigterm_delay, cfg.port) == (
+        False,
+        True,
+        60.0,
+        7000,
+    )
+    assert build_config((URI,), {"max_sigterm_delay": 2}).max_sigterm_delay == 2.0
 
 
 def test_start_up_errors_are_raised_not_printed(emulator, tmp_path, capfd):
@@ -207,3 +238,73 @@ def test_a_forked_child_is_told_to_make_its_own(emulator):
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         p.connection_test()  # the parent's proxy is untouched
+    # A new Proxy in a child works (the worker pools and the loop are the child's own).
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            with (
+                proxy.Proxy(
+                    URI, token=TOKEN_APP, alloydbadmin_api_endpoint=emulator.admin_url
+                ) as q,
+                psycopg.connect(q.dsn(**NATIVE)) as conn,
+            ):
+                code = 0 if conn.execute("SELECT 1").fetchone() == (1,) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+async def test_sync_and_async_proxies_together_share_one_loop(emulator):
+    """The data plane reports finished connections to one loop: every Proxy runs on
+    the same one, whether started with 'with' or 'async with'."""
+    sync_proxy = proxy.Proxy(URI, token=TOKEN_APP, alloydbadmin_api_endpoint=emulator.admin_url)
+    sync_proxy.start()
+    try:
+        async with proxy.Proxy(
+            URI, token=TOKEN_APP, alloydbadmin_api_endpoint=emulator.admin_url
+        ) as async_proxy:
+            assert async_proxy._loop is sync_proxy._loop
+            for p in (sync_proxy, async_proxy):
+                conn = await asyncpg.connect(p.dsn(**NATIVE))
+                assert await conn.fetchval("SELECT 1") == 1
+                await conn.close()
+            await asyncio.sleep(0.2)
+            assert async_proxy.stats()["project-id.us-central1.clust.inst"]["open_connections"] == 0
+    finally:
+        sync_proxy.close()
+    assert sync_proxy.stats() == {}  # closed
+
+
+def test_nothing_is_printed_without_a_logging_configuration(emulator, tmp_path):
+    """A failed connection is logged to the 'proxy' logger; with no handler configured,
+    nothing reaches stderr (a library prints nothing by itself)."""
+    script = tmp_path / "app.py"
+    script.write_text(
+        "import psycopg, sys, proxy\n"
+        "with proxy.Proxy(sys.argv[1], token='tok-denied', alloydbadmin_api_endpoint=sys.argv[2]) as p:\n"
+        "    try:\n"
+        "        psycopg.connect(p.dsn(user='app', password='x', dbname='appdb'))\n"
+        "    except psycopg.OperationalError:\n"
+        "        print('refused')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(script), URI, emulator.admin_url],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.stdout.strip() == "refused" and result.stderr == "", result
+
+
+def test_a_wildcard_listener_is_reached_on_loopback(emulator):
+    port = free_port_block(1)
+    with proxy.Proxy(
+        URI,
+        token=TOKEN_APP,
+        address="0.0.0.0",
+        port=port,
+        alloydbadmin_api_endpoint=emulator.admin_url,
+    ) as p:
+        assert f"@127.0.0.1:{port}/" in p.dsn(**NATIVE)
+        with psycopg.connect(p.dsn(**NATIVE)) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
