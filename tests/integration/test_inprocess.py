@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import stat
 import subprocess
 import sys
 import threading
+import time
 
 import asyncpg
 import pg8000.native
@@ -177,7 +179,7 @@ def test_start_and_stop_leave_nothing_behind(emulator):
 
     cycle()  # the first start-up creates what lives for the process (the data plane)
     before = counts()
-    for _ in range(20):
+    for _ in range(100):
         cycle()
     fds, threads = counts()
     assert fds <= before[0] + 2 and threads <= before[1], (before, (fds, threads))
@@ -308,3 +310,43 @@ def test_a_wildcard_listener_is_reached_on_loopback(emulator):
         assert f"@127.0.0.1:{port}/" in p.dsn(**NATIVE)
         with psycopg.connect(p.dsn(**NATIVE)) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_stats_count_the_bytes_exactly(emulator):
+    """A raw client sends an SSLRequest (8 bytes) and gets "N" (1 byte) back."""
+    import socket as socketlib
+
+    with proxy.Proxy(URI, token=TOKEN_APP, alloydbadmin_api_endpoint=emulator.admin_url) as p:
+        with socketlib.socket(socketlib.AF_UNIX) as raw:
+            raw.settimeout(10)
+            raw.connect(p.listeners[0].socket_path)
+            raw.sendall(bytes.fromhex("0000000804d2162f"))
+            assert raw.recv(1) == b"N"
+        stats = p.stats()["project-id.us-central1.clust.inst"]
+        deadline = time.monotonic() + 5
+        while stats["open_connections"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+            stats = p.stats()["project-id.us-central1.clust.inst"]
+        assert (stats["bytes_sent"], stats["bytes_received"]) == (8, 1)
+        assert stats["open_connections"] == 0 and stats["refreshes"] >= 1
+
+
+def test_copy_of_200_mb_through_psycopg_arrives_whole(emulator):
+    row = (os.urandom(4096).hex() + "\n").encode()  # 8 KiB of text per row
+    rows = 200 * 1024 * 1024 // len(row)
+    digest = hashlib.md5()
+    with (
+        proxy.Proxy(URI, token=TOKEN_APP, alloydbadmin_api_endpoint=emulator.admin_url) as p,
+        psycopg.connect(p.dsn(**NATIVE), autocommit=True) as conn,
+    ):
+        conn.execute("CREATE TEMP TABLE copied (n serial, x text)")
+        with conn.cursor().copy("COPY copied (x) FROM STDIN") as copy:
+            for n in range(rows):
+                line = row[:8] + str(n).encode().rjust(8, b"0") + row[16:]
+                digest.update(line[:-1])
+                copy.write(line)
+        count, server_digest = conn.execute(
+            "SELECT count(*), md5(string_agg(x, '' ORDER BY n)) FROM copied"
+        ).fetchone()
+    assert count == rows
+    assert server_digest == digest.hexdigest()
