@@ -38,9 +38,9 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from proxy import staticinfo, workers
+from proxy import workers
 from proxy.config import Config
-from proxy.errors import BadCommandError, DialError, StartupError
+from proxy.errors import BadCommandError, DialError
 
 #: Not options at all.
 _NOT_OPTIONS = {"version", "config_file", "help"}
@@ -408,45 +408,21 @@ class Proxy:
             )
 
     async def _astart(self) -> None:
-        from proxy.adminapi import AdminAPIClient
-        from proxy.credentials import resolve
-        from proxy.dialer import Dialer
         from proxy.keys import generate_in_background
         from proxy.log import get_logger
         from proxy.metrics import Metrics
-        from proxy.server import ProxyServer
-        from proxy.supervisor import user_agent
+        from proxy.supervisor import open_proxy
 
         cfg = self._cfg
         if self._private_dir:
             self._tmpdir = tempfile.mkdtemp(prefix="alloydb-proxy-")  # mode 0700
             cfg = replace(cfg, unix_socket=self._tmpdir)
         try:
-            credentials = await workers.TOKENS.run(
-                lambda: resolve(
-                    token=cfg.token,
-                    credentials_file=cfg.credentials_file,
-                    json_credentials=cfg.json_credentials,
-                    gcloud_auth=cfg.gcloud_auth,
-                    impersonate=cfg.impersonate_service_account,
-                    login_token=cfg.login_token,
-                    auto_iam=any(cfg.auto_iam_for(i) for i in cfg.instances),
-                )
-            )
-            static = None
-            if cfg.static_connection_info:
-                try:
-                    static = staticinfo.load(cfg.static_connection_info)
-                except staticinfo.StaticInfoError as exc:
-                    raise StartupError(f"error initializing dialer: {exc}") from None
-            keys = await asyncio.wrap_future(generate_in_background())
-            log = get_logger()
             self._metrics = Metrics()
-            client = AdminAPIClient(cfg.api_endpoint, credentials.api, user_agent(cfg))
-            dialer = Dialer(cfg, credentials, client, keys, log, self._metrics, static)
-            server = ProxyServer(cfg, dialer, log, self._metrics)
-            self._parts = (server, dialer, client)
-            server.open_listeners()
+            self._parts = await open_proxy(
+                cfg, get_logger(), self._metrics, generate_in_background()
+            )
+            server = self._parts[0]
             self._listeners = [
                 ListenerInfo(uri, host, port, path)
                 for uri, (_, host, port, path) in zip(self._uris, server.bound(), strict=True)

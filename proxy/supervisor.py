@@ -24,7 +24,7 @@ from proxy.adminapi import AdminAPIClient
 from proxy.config import Config
 from proxy.credentials import resolve
 from proxy.dialer import Dialer
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, StartupError
 from proxy.health import (
     HTTPServer,
     ProbeState,
@@ -269,37 +269,54 @@ class Supervisor:
         return Outcome(Exit.OK if self._cfg.exit_zero_sigterm else Exit.SIGTERM, message)
 
     async def _start(self) -> tuple[ProxyServer, Dialer, AdminAPIClient]:
-        cfg, log = self._cfg, self._log
-        try:
-            credentials = await workers.TOKENS.run(
-                lambda: resolve(
-                    token=cfg.token,
-                    credentials_file=cfg.credentials_file,
-                    json_credentials=cfg.json_credentials,
-                    gcloud_auth=cfg.gcloud_auth,
-                    impersonate=cfg.impersonate_service_account,
-                    login_token=cfg.login_token,
-                    auto_iam=any(cfg.auto_iam_for(i) for i in cfg.instances),
-                ),
-            )
-        except ProxyError as exc:
-            raise ProxyError(f"unable to start: {exc}") from None
+        if self._keys is None:
+            self._keys = generate_in_background()
+        return await open_proxy(
+            self._cfg, self._log, self.metrics, self._keys, error_prefix="unable to start: "
+        )
+
+
+async def open_proxy(
+    cfg: Config,
+    log: Logger,
+    metrics: Metrics | None,
+    keys: concurrent.futures.Future[KeyPair],
+    *,
+    error_prefix: str = "",
+) -> tuple[ProxyServer, Dialer, AdminAPIClient]:
+    """Credentials, static connection info, the key, the Admin API client, the
+    dialer and the listeners, in the Go proxy's order: the command's start-up
+    and ``proxy.Proxy``'s. Not accepting yet. ``error_prefix`` goes before a
+    credential or static-info error (the command's "unable to start: ")."""
+    try:
+        credentials = await workers.TOKENS.run(
+            lambda: resolve(
+                token=cfg.token,
+                credentials_file=cfg.credentials_file,
+                json_credentials=cfg.json_credentials,
+                gcloud_auth=cfg.gcloud_auth,
+                impersonate=cfg.impersonate_service_account,
+                login_token=cfg.login_token,
+                auto_iam=any(cfg.auto_iam_for(i) for i in cfg.instances),
+            ),
+        )
         static = None
         if cfg.static_connection_info:
             try:
                 static = staticinfo.load(cfg.static_connection_info)
             except staticinfo.StaticInfoError as exc:
-                raise ProxyError(f"unable to start: error initializing dialer: {exc}") from None
-        if self._keys is None:
-            self._keys = generate_in_background()
-        keys = await asyncio.wrap_future(self._keys)
-        client = AdminAPIClient(cfg.api_endpoint, credentials.api, user_agent(cfg))
-        dialer = Dialer(cfg, credentials, client, keys, log, self.metrics, static)
-        server = ProxyServer(cfg, dialer, log, self.metrics)
-        try:
-            server.open_listeners()
-        except BaseException:
-            dialer.close()
-            client.close()
+                raise StartupError(f"error initializing dialer: {exc}") from None
+    except ProxyError as exc:
+        if not error_prefix:
             raise
-        return server, dialer, client
+        raise StartupError(f"{error_prefix}{exc}") from None
+    client = AdminAPIClient(cfg.api_endpoint, credentials.api, user_agent(cfg))
+    dialer = Dialer(cfg, credentials, client, await asyncio.wrap_future(keys), log, metrics, static)
+    server = ProxyServer(cfg, dialer, log, metrics)
+    try:
+        server.open_listeners()
+    except BaseException:
+        dialer.close()
+        client.close()
+        raise
+    return server, dialer, client

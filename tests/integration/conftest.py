@@ -45,6 +45,15 @@ def start_proxy(emulator):
         proc.stop()
 
 
+def proxy_args(emulator, ports, *extra: str, token: str | None = TOKEN_APP) -> list[str]:
+    """The CLI's arguments for URI on ``ports["proxy"]`` against ``emulator``
+    (with ``--token``, unless ``token`` is None)."""
+    args = [URI, "--port", str(ports["proxy"])]
+    if token is not None:
+        args += ["--token", token]
+    return [*args, "--alloydbadmin-api-endpoint", emulator.admin_url, *extra]
+
+
 @pytest.fixture
 def fakes():
     """Loopback fakes of Google's token endpoints and the metadata servers."""

@@ -74,6 +74,19 @@ def tokens_seen(emulator):
     return api, mdx
 
 
+def assert_iam_login(proxy) -> None:
+    """psql through the proxy as the IAM user, with no password, lands as that user."""
+    result = psql(
+        "SELECT current_user",
+        host="127.0.0.1",
+        port=proxy.port,
+        user=IAM_DB_USER,
+        password=None,
+        dbname=DB_NAME,
+    )
+    assert result.stdout.strip() == IAM_DB_USER
+
+
 def auth_types(emulator) -> list[int]:
     return [r.auth_type for _, r in emulator.mdx_requests]
 
@@ -222,15 +235,7 @@ def test_ec2_workload_identity_federation_to_iam_login_over_psc(
     proxy = run_proxy(
         "--credentials-file", str(tmp_path / "wif.json"), "--auto-iam-authn", "--psc", prefix=prefix
     )
-    result = psql(
-        "SELECT current_user",
-        host="127.0.0.1",
-        port=proxy.port,
-        user=IAM_DB_USER,
-        password=None,
-        dbname=DB_NAME,
-    )
-    assert result.stdout.strip() == IAM_DB_USER
+    assert_iam_login(proxy)
     api, mdx = tokens_seen(cred_emulator)
     # The Admin API saw the impersonated cloud-platform token; the exchange the login-scoped one.
     assert api and all(t.startswith("imp|cloud-platform|") for t in api)
@@ -394,15 +399,7 @@ def test_impersonation_flag_with_delegates(run_proxy, cred_emulator, fakes, iam_
         "Note: reusing the configured API credential for IAM database authentication login"
         in proxy.output
     )
-    result = psql(
-        "SELECT current_user",
-        host="127.0.0.1",
-        port=proxy.port,
-        user=IAM_DB_USER,
-        password=None,
-        dbname=DB_NAME,
-    )
-    assert result.stdout.strip() == IAM_DB_USER
+    assert_iam_login(proxy)
     api, mdx = tokens_seen(cred_emulator)
     assert api[0].startswith("imp|cloud-platform|") and mdx == [api[0]]
     assert auth_types(cred_emulator) == [AUTO_IAM]

@@ -10,7 +10,7 @@ import time
 import psycopg
 import pytest
 
-from .conftest import DB_NAME, DB_PASSWORD, DB_USER, URI, http_get
+from .conftest import DB_NAME, DB_PASSWORD, DB_USER, URI, http_get, proxy_args
 from .proxyproc import ProxyProcess, free_port_block
 
 
@@ -22,14 +22,9 @@ def ports():
 
 def start(emulator, ports, *args, ready=True):
     proc = ProxyProcess(
-        [
-            URI,
-            "--port",
-            str(ports["proxy"]),
-            "--token",
-            "tok-app",
-            "--alloydbadmin-api-endpoint",
-            emulator.admin_url,
+        proxy_args(
+            emulator,
+            ports,
             "--http-address",
             "127.0.0.1",
             "--http-port",
@@ -37,7 +32,7 @@ def start(emulator, ports, *args, ready=True):
             "--admin-port",
             str(ports["admin"]),
             *args,
-        ]
+        )
     )
     if ready:
         proc.wait_ready()

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from .conftest import URI, http_get, psql
+from .conftest import http_get, proxy_args, psql
 from .proxyproc import READY, WITHOUT_UVLOOP, ProxyProcess, free_port_block, proxy_command
 from .test_credentials import fake_gcloud
 
@@ -28,19 +28,6 @@ SHORT = "project-id.us-central1.clust.inst"
 def ports():
     base = free_port_block(3)
     return {"proxy": base, "http": base + 1}
-
-
-def proxy_args(emulator, ports, *extra: str) -> list[str]:
-    return [
-        URI,
-        "--port",
-        str(ports["proxy"]),
-        "--token",
-        "tok-app",
-        "--alloydbadmin-api-endpoint",
-        emulator.admin_url,
-        *extra,
-    ]
 
 
 def wait_for_admin_requests(emulator, count: int, timeout: float = 10.0) -> None:
@@ -77,9 +64,7 @@ def test_sigterm_during_a_slow_credential_lookup(emulator, ports, tmp_path):
         'sleep 8\necho \'{"credential": {"access_token": "gcloud-x", '
         '"token_expiry": "2099-01-01T00:00:00Z"}}\'\n',
     )
-    args = proxy_args(emulator, ports, "--gcloud-auth")
-    args.remove("--token")
-    args.remove("tok-app")
+    args = proxy_args(emulator, ports, "--gcloud-auth", token=None)
     with ProxyProcess(args, env=env) as proc:
         proc.wait_for("Authorizing with gcloud user credentials")
         time.sleep(1.5)
@@ -101,9 +86,7 @@ def tgkill(pid: int, tid: int, sig: int) -> None:
 def test_a_signal_that_lands_on_a_worker_thread_is_seen_at_once(emulator, ports, tmp_path, loop):
     """Linux may deliver a process signal to any thread; the handler must still run."""
     env = fake_gcloud(tmp_path, "sleep 8\n")
-    args = proxy_args(emulator, ports, "--gcloud-auth")
-    args.remove("--token")
-    args.remove("tok-app")
+    args = proxy_args(emulator, ports, "--gcloud-auth", token=None)
     command = WITHOUT_UVLOOP if loop == "asyncio" else None
     with ProxyProcess(args, env=env, command=command) as proc:
         proc.wait_for("Authorizing with gcloud user credentials")
@@ -122,9 +105,7 @@ def test_a_signal_that_lands_on_a_worker_thread_is_seen_at_once(emulator, ports,
 
 def test_sigterm_during_start_up_honours_exit_zero_and_notifies_systemd(emulator, ports, tmp_path):
     env = fake_gcloud(tmp_path, "sleep 8\n")
-    args = proxy_args(emulator, ports, "--gcloud-auth", "--exit-zero-sigterm")
-    args.remove("--token")
-    args.remove("tok-app")
+    args = proxy_args(emulator, ports, "--gcloud-auth", "--exit-zero-sigterm", token=None)
     path = str(tmp_path / "notify.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
         systemd.bind(path)
