@@ -457,6 +457,46 @@ def concurrent_connections(port: int, pid: int, n: int) -> dict[str, float]:
     return {"ok": float(min(ok, alive)), "rss_mib": rss_peak / 1024}
 
 
+def copy_through(
+    path: str, port: int | None, relay: int | None, mb: int, inprocess: dict[str, str] | None = None
+) -> dict[str, float]:
+    """``COPY FROM STDIN`` of ``mb`` MB by bench/copy_client.py; CPU of client and relay."""
+    argv = [PYTHON, os.path.join(BENCH, "copy_client.py"), "--mb", str(mb), "--user", DB_USER,
+            "--password", DB_PASSWORD, "--dbname", DB_NAME]  # fmt: skip
+    if inprocess:
+        argv += ["--inprocess", inprocess["uri"], "--admin-url", inprocess["admin_url"],
+                 "--token", "bench-token"]  # fmt: skip
+        if port:
+            argv += ["--inprocess-port", str(port)]
+    else:
+        argv += ["--port", str(port)]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"copy client for {path} did not start (exit {proc.wait()})")
+        relay0 = cpu_seconds(relay) if relay else 0.0
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        if proc.stdout.readline().strip() != "done":
+            raise RuntimeError(f"copy client for {path} failed (exit {proc.wait()})")
+        relay_cpu = cpu_seconds(relay) - relay0 if relay else 0.0
+        result = json.loads(proc.stdout.readline())
+    finally:
+        proc.stdin.close()
+        if proc.wait(60) != 0:
+            raise RuntimeError(f"copy client for {path} exited {proc.returncode}")
+    gb = result["bytes"] / 1e9
+    proxy_cpu = result["other_threads_cpu_s"] if inprocess else relay_cpu
+    return {
+        "copy_mbps": result["bytes"] / result["seconds"] / 1e6,
+        "copy_total_cpu_s_per_gb": (result["process_cpu_s"] + relay_cpu) / gb,
+        "copy_proxy_cpu_s_per_gb": proxy_cpu / gb,
+        "copy_host_thread_cpu_s_per_gb": result["main_thread_cpu_s"] / gb,
+        "copy_host_thread_busy": result["main_thread_cpu_s"] / result["seconds"],
+    }
+
+
 # ---------------------------------------------------------------- report
 
 # metric key -> (label, unit, better: "higher"/"lower", target text, check(ours, go) -> bool|None)
@@ -493,6 +533,47 @@ METRICS: list[tuple[str, str, str, str, str, Check | None]] = [
 RATIO_KEYS = {m[0] for m in METRICS} - {"start_to_ready_ms", "concurrent_ok"}
 # Targets that do not depend on the Go number.
 ABSOLUTE_KEYS = {"rss_kib_per_conn", "start_to_ready_ms"}
+
+
+COPY_PATHS = ("direct", "inprocess", "inprocess-tcp", "ours", "go")
+COPY_METRICS: list[tuple[str, str, str]] = [
+    ("copy_mbps", "COPY FROM STDIN through psycopg", "MB/s"),
+    ("copy_total_cpu_s_per_gb", "CPU-s per GB, client + proxy (all threads)", "s/GB"),
+    ("copy_proxy_cpu_s_per_gb", "  … the proxy's share (relay process / proxy threads)", "s/GB"),
+    ("copy_host_thread_cpu_s_per_gb", "  … the host program's Python thread", "s/GB"),
+    ("copy_host_thread_busy", "host Python thread busy during the COPY", "cores"),
+]
+
+
+def copy_markdown(summary: dict[str, dict[str, float]], meta: dict[str, Any]) -> str:
+    head = ["metric", "unit", *COPY_PATHS, "in-process / CLI", "in-process / Go"]
+    lines = [
+        f"COPY of {meta['copy_mb']} MB into an unlogged table, {meta['rounds']} alternating "
+        "rounds (medians):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "| " + " | ".join(["---"] * 2 + ["---:"] * (len(COPY_PATHS) + 2)) + " |",
+    ]
+    for key, label, unit in COPY_METRICS:
+        values = {p: summary.get(p, {}).get(key) for p in COPY_PATHS}
+        if all(v is None for v in values.values()):
+            continue
+        ratios = []
+        for other in ("ours", "go"):
+            mine, theirs = values["inprocess"], values[other]
+            ratios.append(f"{mine / theirs:.2f}×" if mine is not None and theirs else "–")
+        lines.append("| " + " | ".join([label, unit, *(fmt(values[p]) for p in COPY_PATHS),
+                                         *ratios]) + " |")  # fmt: skip
+    lines += [
+        "",
+        "Paths: *direct* = psycopg to PostgreSQL; *inprocess* = `proxy.Proxy` inside the "
+        "copying process (its default private unix socket); *inprocess-tcp* = the same with "
+        "`port=` (a loopback TCP listener, as the relays use); *ours* = the "
+        "`alloydb-auth-proxy` command; *go* = the Go baseline (TCP). The CPU of the whole "
+        "is the copying process (getrusage) plus, for the two relays, the relay process "
+        "over the same span; PostgreSQL's own CPU is not counted.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def summarize(samples: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
@@ -611,6 +692,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, help="alternating rounds (default 3, quick 2)")
     ap.add_argument("--mb", type=int, help="MB per throughput run (default 1000, quick 200)")
     ap.add_argument("--pgbench-seconds", type=int, help="default 15, quick 5")
+    ap.add_argument("--copy-mb", type=int, help="MB per COPY run (default 1000, quick 200)")
     ap.add_argument("--idle", type=int, help="idle connections for RSS (default 2000)")
     ap.add_argument(
         "--concurrent", type=int, help="connections held at once (default 10000, quick 2000)"
@@ -618,7 +700,7 @@ def main() -> int:
     ap.add_argument(
         "--skip",
         default="",
-        help="comma list of: throughput,ping,pgbench,connect,rss,startup,concurrent",
+        help="comma list of: throughput,ping,pgbench,connect,copy,rss,startup,concurrent",
     )
     ap.add_argument("--keep-logs", action="store_true", help="keep the temporary log directory")
     args = ap.parse_args()
@@ -627,6 +709,7 @@ def main() -> int:
     rounds = args.rounds or (1 if smoke else 2 if quick else 3)
     nbytes = (args.mb or (20 if smoke else 200 if quick else 1000)) * 1_000_000
     pgb_seconds = args.pgbench_seconds or (2 if smoke else 5 if quick else 15)
+    copy_mb = args.copy_mb or (20 if smoke else 200 if quick else 1000)
     idle_n = args.idle or (100 if smoke else 2000)
     concurrent_n = args.concurrent or (200 if smoke else 2000 if quick else 10000)
     ping_count = 200 if smoke else 2000
@@ -661,7 +744,7 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    samples: dict[str, dict[str, list[float]]] = {p: {} for p in PATHS}
+    samples: dict[str, dict[str, list[float]]] = {p: {} for p in (*PATHS, *COPY_PATHS)}
 
     def add(path: str, key: str, value: float) -> None:
         samples[path].setdefault(key, []).append(value)
@@ -781,6 +864,20 @@ def main() -> int:
                     add(path, "connect_ms", ms)
                     log(f"round {k + 1} {path:14s} connect→first query {ms:.2f} ms")
 
+        if "copy" not in skip:
+            copy_ports = {"direct": pg.port, "ours": ports["ours"]["pg"], "go": ports["go"]["pg"],
+                          "inprocess-tcp": free_port_block(1)}  # fmt: skip
+            inproc = {"uri": insts["pg"].uri, "admin_url": emu.admin_url}
+            for k in range(rounds):
+                for path in order(k, COPY_PATHS):
+                    res = copy_through(path, copy_ports.get(path), relay_pid.get(path), copy_mb,
+                                       inproc if path.startswith("inprocess") else None)  # fmt: skip
+                    for key, value in res.items():
+                        add(path, key, value)
+                    log(f"round {k + 1} {path:14s} COPY {res['copy_mbps']:6.0f} MB/s, "
+                        f"{res['copy_total_cpu_s_per_gb']:.2f} CPU-s/GB in all, host thread "
+                        f"{res['copy_host_thread_busy']:.2f} cores")  # fmt: skip
+
         if "rss" not in skip:
             for r in RELAYS:
                 res = idle_rss(ports[r]["echo"], relay_pid[r], idle_n)
@@ -840,6 +937,7 @@ def main() -> int:
         "command": " ".join([".venv/bin/python", "bench/run.py", *sys.argv[1:]]),
         "rounds": rounds,
         "throughput_mb": nbytes // 1_000_000,
+        "copy_mb": copy_mb,
         "pgbench": f"pgbench -n -S -c 8 -j 2 -T {pgb_seconds} (scale 10)",
         "ping_count": ping_count,
         "connect_count": connect_count,
@@ -869,6 +967,8 @@ def main() -> int:
             {"meta": meta, "summary": summary, "targets": ratios, "samples": samples}, fh, indent=2
         )
     md = markdown(summary, meta)
+    if any(key in summary.get("inprocess", {}) for key, _l, _u in COPY_METRICS):
+        md += "\n" + copy_markdown(summary, meta)
     with open(os.path.join(args.out, "latest.md"), "w") as fh:
         fh.write(md)
     png = os.path.join(args.out, "latest.png")

@@ -45,6 +45,9 @@ def test_bench_smoke_runs_every_step(tmp_path):
     for path in ("ours", "go"):
         missing = [m for m in METRICS if m not in data["summary"][path]]
         assert not missing, f"{path} is missing {missing}"
+    for path in ("direct", "inprocess", "inprocess-tcp", "ours", "go"):
+        assert data["summary"][path]["copy_mbps"] > 0, f"no COPY row for {path}"
+    assert "in-process / CLI" in (tmp_path / "latest.md").read_text()
     # Not a speed check: every one of the concurrent tunnels must have worked.
     wanted = data["meta"]["concurrent_connections"]
     assert data["summary"]["ours"]["concurrent_ok"] == wanted
