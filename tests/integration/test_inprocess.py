@@ -65,6 +65,31 @@ async def test_asyncpg_on_the_callers_loop(emulator):
         await engine.dispose()
 
 
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_async_drivers_under_asyncio_and_uvloop(emulator, loop_kind):
+    """psycopg 3's AsyncConnection and asyncpg, awaited from a caller's loop of either kind."""
+    import uvloop
+
+    async def main() -> tuple[str, int]:
+        async with proxy.Proxy(
+            URI, token=TOKEN_APP, alloydbadmin_api_endpoint=emulator.admin_url
+        ) as p:
+            async with await psycopg.AsyncConnection.connect(p.dsn(**NATIVE)) as conn:
+                cur = await conn.execute("SELECT current_user")
+                (user,) = await cur.fetchone()
+            conn2 = await asyncpg.connect(p.dsn(**NATIVE))
+            try:
+                value = await conn2.fetchval("SELECT 6 * 7")
+            finally:
+                await conn2.close()
+            kind = type(asyncio.get_running_loop()).__module__.split(".")[0]
+            return f"{user} {kind}", value
+
+    factory = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        assert runner.run(main()) == (f"{DB_USER} {loop_kind}", 42)
+
+
 def test_sqlalchemy_drivers_and_tcp(emulator):
     port = free_port_block(1)
     with proxy.Proxy(
