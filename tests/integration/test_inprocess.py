@@ -86,8 +86,11 @@ def test_async_drivers_under_asyncio_and_uvloop(emulator, loop_kind):
             return f"{user} {kind}", value
 
     factory = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        assert runner.run(main()) == (f"{DB_USER} {loop_kind}", 42)
+    loop = factory()
+    try:
+        assert loop.run_until_complete(main()) == (f"{DB_USER} {loop_kind}", 42)
+    finally:
+        loop.close()
 
 
 def test_sqlalchemy_drivers_and_tcp(emulator):
