@@ -74,6 +74,8 @@ cdef extern from "openssl/pem.h" nogil:
 
 cdef extern from "openssl/crypto.h" nogil:
     void OPENSSL_free(void *p)
+    const char *OpenSSL_version(int t)
+    int OPENSSL_VERSION
 
 cdef extern from "openssl/ssl.h" nogil:
     const SSL_METHOD *TLS_client_method()
@@ -172,6 +174,11 @@ def stats():
         "bytes_client_to_server": _bytes_c2s,
         "bytes_server_to_client": _bytes_s2c,
     }
+
+
+def openssl_version():
+    """The OpenSSL this module runs on: the system's, or the one built into a wheel."""
+    return OpenSSL_version(OPENSSL_VERSION).decode()
 
 
 class TLSError(Exception):

@@ -27,9 +27,9 @@ from typing import Protocol
 
 from cryptography import x509
 
-from proxy import _splice
 from proxy.adminapi import AdminAPIClient
 from proxy.config import InstanceURI
+from proxy.dataplane import plane
 from proxy.errors import AdminAPIError, AdminAPIUnreachable, ConfigError, RefreshError
 from proxy.keys import KeyPair
 from proxy.log import Logger
@@ -40,7 +40,7 @@ from proxy.refresh import RateLimiter, lazy_needs_refresh, seconds_until_refresh
 @dataclass(frozen=True)
 class ConnectionInfo:
     addresses: dict[str, str]
-    context: _splice.TLSClientContext
+    context: plane.TLSClientContext
     expiry: float  # UNIX time when the client certificate stops being valid
 
     def valid(self, now: float | None = None) -> bool:
@@ -95,7 +95,7 @@ async def fetch_connection_info(
     try:
         leaf = x509.load_pem_x509_certificate(cert.chain_pem[0].encode())
         chain = "".join(p if p.endswith("\n") else p + "\n" for p in cert.chain_pem)
-        context = _splice.TLSClientContext(chain.encode(), keys.private_pem, cert.ca_pem.encode())
+        context = plane.TLSClientContext(chain.encode(), keys.private_pem, cert.ca_pem.encode())
     except ValueError as exc:
         raise RefreshError("create ephemeral cert failed", uri.short, exc) from exc
     return ConnectionInfo(

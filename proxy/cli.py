@@ -75,7 +75,10 @@ class GoDuration(_FloatParamType):
 
 def _version_callback(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     if value and not ctx.resilient_parsing:
+        from proxy import dataplane
+
         click.echo(f"{PROG} version {__version__} (compatible with {GO_PROXY_VERSION})")
+        click.echo(f"data plane: {dataplane.describe()}")
         ctx.exit(0)
 
 
@@ -468,6 +471,12 @@ def run(cfg: Config, warnings: list[str] | tuple[str, ...] = ()) -> int:
     log = configure(structured=cfg.structured_logs, quiet=cfg.quiet, debug=cfg.debug_logs)
     for warning in warnings:
         log.error(warning)
+    from proxy import dataplane
+
+    if dataplane.ERROR:
+        log.error("The proxy has encountered a terminal error: %s", dataplane.ERROR)
+        return 1
+    log.debug("Data plane: %s", dataplane.describe())
     if "alloydbadmin_api_endpoint" in cfg.set_options:
         log.info("Using API Endpoint %s", cfg.api_endpoint)
         if _cleartext_remote(cfg.api_endpoint):

@@ -1,6 +1,6 @@
 """Per connection: cached connection info → TCP to :5433 → TLS 1.3 → metadata exchange.
 
-The result is an established ``_splice.TLSConnection`` that the server hands to
+The result is an established ``plane.TLSConnection`` that the server hands to
 the splice core. TCP and TLS failures force a certificate refresh (the
 instance may have moved or rotated its CA); so does a failure on the first
 read of the metadata exchange, which is where TLS 1.3 delivers the server's
@@ -22,11 +22,12 @@ import socket
 import time
 from dataclasses import dataclass
 
-from proxy import __version__, _splice, mdx, tlsconn
+from proxy import __version__, mdx, tlsconn
 from proxy.adminapi import AdminAPIClient
 from proxy.cache import ConnectionInfo, ConnectionInfoCache, LazyCache, RefreshAheadCache
 from proxy.config import SERVER_PROXY_PORT, Config, InstanceConfig, InstanceURI
 from proxy.credentials import CredentialSet
+from proxy.dataplane import plane
 from proxy.errors import ConfigError, DialError, MetadataExchangeError, RefreshError
 from proxy.keys import KeyPair
 from proxy.log import Logger
@@ -127,7 +128,7 @@ class Dialer:
             return None
         return failure.error
 
-    async def dial(self, inst: InstanceConfig) -> _splice.TLSConnection:
+    async def dial(self, inst: InstanceConfig) -> plane.TLSConnection:
         """Open an authenticated tunnel to the instance, ready for PostgreSQL bytes."""
         if self._closed:
             raise DialError("alloydbconn: dialer is closed", inst.uri.short)
@@ -175,11 +176,11 @@ class Dialer:
                 "failed to dial", short, f"dial tcp {_hostport(address)}: {reason}"
             ) from exc
 
-        conn = _splice.TLSConnection(info.context, sock.detach(), address)
+        conn = plane.TLSConnection(info.context, sock.detach(), address)
         try:
             try:
                 await tlsconn.handshake(conn, timeout=MDX_TIMEOUT)
-            except (_splice.TLSError, OSError, TimeoutError) as exc:
+            except (plane.TLSError, OSError, TimeoutError) as exc:
                 self._log.debug("[%s] TLS handshake failed: %s", short, exc)
                 cache.force_refresh()
                 raise DialError("handshake failed", short, exc) from exc
@@ -210,7 +211,7 @@ class Dialer:
         raise last
 
     async def _metadata_exchange(
-        self, conn: _splice.TLSConnection, inst: InstanceConfig, cache: ConnectionInfoCache
+        self, conn: plane.TLSConnection, inst: InstanceConfig, cache: ConnectionInfoCache
     ) -> None:
         short = inst.uri.short
         token = await self._credentials.login.token()
@@ -229,7 +230,7 @@ class Dialer:
         await tlsconn.send_all(conn, mdx.encode_request(request), timeout=MDX_TIMEOUT)
         try:
             header = await tlsconn.recv_exactly(conn, mdx.HEADER_SIZE, timeout=MDX_TIMEOUT)
-        except (_splice.TLSError, ConnectionError) as exc:
+        except (plane.TLSError, ConnectionError) as exc:
             # Under TLS 1.3 the client's handshake ends before the server has
             # checked our certificate: its refusal (an alert, or just a close)
             # shows up here.

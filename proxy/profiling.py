@@ -27,7 +27,8 @@ import traceback
 import tracemalloc
 import urllib.parse
 
-from proxy import _splice, workers
+from proxy import workers
+from proxy.dataplane import plane
 from proxy.health import Handler
 
 PREFIX = "/debug/pprof/"
@@ -73,7 +74,7 @@ def _heap() -> str:
     lines = [f"rss_kib {_rss_kib()}"]
     lines += [f"gc_count_gen{i} {n}" for i, n in enumerate(gc.get_count())]
     lines += [f"gc_objects {len(gc.get_objects())}"]
-    lines += [f"data_plane_{k} {v}" for k, v in _splice.stats().items()]
+    lines += [f"data_plane_{k} {v}" for k, v in plane.stats().items()]
     if tracemalloc.is_tracing():
         lines.append("\ntop allocations (tracemalloc):")
         for stat in tracemalloc.take_snapshot().statistics("lineno")[:25]:

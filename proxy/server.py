@@ -19,8 +19,9 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from proxy import _splice, pgstartup, tlsconn, unixlisten
+from proxy import pgstartup, tlsconn, unixlisten
 from proxy.config import Config, InstanceConfig, TCPMount, UnixMount, plan_mounts
+from proxy.dataplane import plane
 from proxy.dialer import Dialer, set_tcp_options
 from proxy.errors import StartupError
 from proxy.log import Logger
@@ -35,12 +36,12 @@ ACCEPT_BACKOFF = 0.1
 HALF_CLOSE_LINGER = 30.0
 
 _DONE_LINES = {
-    _splice.CLIENT_CLOSED: (False, "client closed the connection"),
-    _splice.INSTANCE_CLOSED: (False, "instance closed the connection"),
-    _splice.ERROR_READ_CLIENT: (True, "connection aborted - error reading from client: "),
-    _splice.ERROR_WRITE_INSTANCE: (True, "connection aborted - error writing to instance: "),
-    _splice.ERROR_READ_INSTANCE: (True, "connection aborted - error reading from instance: "),
-    _splice.ERROR_WRITE_CLIENT: (True, "connection aborted - error writing to client: "),
+    plane.CLIENT_CLOSED: (False, "client closed the connection"),
+    plane.INSTANCE_CLOSED: (False, "instance closed the connection"),
+    plane.ERROR_READ_CLIENT: (True, "connection aborted - error reading from client: "),
+    plane.ERROR_WRITE_INSTANCE: (True, "connection aborted - error writing to instance: "),
+    plane.ERROR_READ_INSTANCE: (True, "connection aborted - error reading from instance: "),
+    plane.ERROR_WRITE_CLIENT: (True, "connection aborted - error writing to client: "),
 }
 
 
@@ -76,7 +77,7 @@ class ProxyServer:
         self._dialer = dialer
         self._log = log
         self._listeners: list[Listener] = []
-        self._splices: dict[_splice.Splice, str] = {}  # -> instance short name
+        self._splices: dict[plane.Splice, str] = {}  # -> instance short name
         self._tasks: set[asyncio.Task[None]] = set()
         self.connection_count = 0
 
@@ -261,7 +262,7 @@ class ProxyServer:
             self._log.error("[%s] %s", inst.uri.short, hint)
         return startup
 
-    async def _dial(self, inst: InstanceConfig, startup: bytes | None) -> _splice.TLSConnection:
+    async def _dial(self, inst: InstanceConfig, startup: bytes | None) -> plane.TLSConnection:
         conn = await self._dialer.dial(inst)
         if startup is not None:
             try:
@@ -316,7 +317,7 @@ class ProxyServer:
                     self._log.info("[%s] %s", short, line)
 
         try:
-            splice = _splice.Splice(client.detach(), conn, done, HALF_CLOSE_LINGER)
+            splice = plane.Splice(client.detach(), conn, done, HALF_CLOSE_LINGER)
             splice.start(asyncio.get_running_loop())
         except Exception as exc:
             # Splice closes both fds when it cannot take or start them.

@@ -19,9 +19,9 @@ from typing import Any
 
 from cryptography import x509
 
-from proxy import _splice
 from proxy.cache import ConnectionInfo
 from proxy.config import InstanceURI
+from proxy.dataplane import plane
 from proxy.errors import ConfigError
 
 
@@ -71,9 +71,7 @@ def load(path: str) -> dict[str, ConnectionInfo]:
         pem_chain = "".join(p if p.endswith("\n") else p + "\n" for p in chain)
         try:
             leaf = x509.load_pem_x509_certificate(chain[0].encode())
-            context = _splice.TLSClientContext(
-                pem_chain.encode(), private_key.encode(), ca.encode()
-            )
+            context = plane.TLSClientContext(pem_chain.encode(), private_key.encode(), ca.encode())
         except ValueError as exc:
             raise StaticInfoError(f"{where}: {exc}") from None
         infos[name] = ConnectionInfo(addresses, context, leaf.not_valid_after_utc.timestamp())

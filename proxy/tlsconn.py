@@ -1,4 +1,4 @@
-"""asyncio binding for ``_splice.TLSConnection``: handshake and the metadata exchange.
+"""asyncio binding for ``plane.TLSConnection``: handshake and the metadata exchange.
 
 These run once per connection, before the splice core takes over, so plain
 Python is fine here. Each waits for socket readiness with a one-shot loop
@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from proxy import _splice
+from proxy.dataplane import plane
 
 
-async def _wait(conn: _splice.TLSConnection, want: int, deadline: float) -> None:
+async def _wait(conn: plane.TLSConnection, want: int, deadline: float) -> None:
     loop = asyncio.get_running_loop()
     fd = conn.fileno()
     ready: asyncio.Future[None] = loop.create_future()
@@ -22,7 +22,7 @@ async def _wait(conn: _splice.TLSConnection, want: int, deadline: float) -> None
         if not ready.done():
             ready.set_result(None)
 
-    if want == _splice.WANT_READ:
+    if want == plane.WANT_READ:
         loop.add_reader(fd, wake)
     else:
         loop.add_writer(fd, wake)
@@ -32,19 +32,19 @@ async def _wait(conn: _splice.TLSConnection, want: int, deadline: float) -> None
             raise TimeoutError("timed out waiting for the instance")
         await asyncio.wait_for(ready, left)
     finally:
-        if want == _splice.WANT_READ:
+        if want == plane.WANT_READ:
             loop.remove_reader(fd)
         else:
             loop.remove_writer(fd)
 
 
-async def handshake(conn: _splice.TLSConnection, *, timeout: float) -> None:
+async def handshake(conn: plane.TLSConnection, *, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while (want := conn.do_handshake()) != 0:
         await _wait(conn, want, deadline)
 
 
-async def send_all(conn: _splice.TLSConnection, data: bytes, *, timeout: float) -> None:
+async def send_all(conn: plane.TLSConnection, data: bytes, *, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     view = memoryview(data)
     while view:
@@ -56,7 +56,7 @@ async def send_all(conn: _splice.TLSConnection, data: bytes, *, timeout: float) 
             view = view[sent:]
 
 
-async def recv_exactly(conn: _splice.TLSConnection, n: int, *, timeout: float) -> bytes:
+async def recv_exactly(conn: plane.TLSConnection, n: int, *, timeout: float) -> bytes:
     deadline = time.monotonic() + timeout
     chunks: list[bytes] = []
     missing = n

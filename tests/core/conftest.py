@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from proxy import _splice
+from proxy.dataplane import plane as _splice
 from proxy.emulator.pki import ClusterCA, key_pem, new_key, pem
 
 

@@ -7,7 +7,7 @@ import os
 import socket
 import ssl
 
-from proxy import _splice
+from proxy.dataplane import plane as _splice
 
 from .test_tls import connect
 

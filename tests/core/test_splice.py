@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from proxy import _splice, tlsconn
+from proxy import tlsconn
+from proxy.dataplane import plane as _splice
 
 from . import splicing
 from .conftest import close_notify

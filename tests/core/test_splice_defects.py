@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from proxy import _splice
+from proxy.dataplane import plane as _splice
 
 from .conftest import close_notify
 from .splicing import pattern, raw_send, read_slowly, spliced

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from proxy import _splice
+from proxy.dataplane import plane as _splice
 
 from .conftest import server_context
 from .splicing import pattern, spliced

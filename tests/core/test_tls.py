@@ -8,7 +8,8 @@ import socket
 
 import pytest
 
-from proxy import _splice, tlsconn
+from proxy import tlsconn
+from proxy.dataplane import plane as _splice
 
 
 async def tcp_fd(port):
