@@ -5,9 +5,11 @@
 Starts a throwaway PostgreSQL, the AlloyDB emulator (Admin API only) and, as
 the instance side of every path, the Go TLS server ``baselines/tlsserver`` on
 four emulated instances (one per mode: sink, source, echo, pg). Then it runs
-four relays at once, each with one listener per instance:
+five relays at once, each with one listener per instance:
 
     ours            .venv/bin/alloydb-auth-proxy (the Cython splice core)
+    portable        the same command on the portable data plane (proxy/portable.py,
+                    what the pure-Python wheel runs)
     go              baselines/goproxy: the Go proxy's data path (crypto/tls, 8 KiB copy loop)
     naive-asyncio   baselines/naive_relay.py under asyncio + ssl
     naive-uvloop    the same under uvloop
@@ -65,9 +67,9 @@ DB_USER, DB_PASSWORD, DB_NAME = "bench", "bench-password", "bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
-RELAYS = ("ours", "go", "naive-asyncio", "naive-uvloop")
+RELAYS = ("ours", "portable", "go", "naive-asyncio", "naive-uvloop")
 PATHS = ("direct",) + RELAYS
-PORT_BASE = {"ours": 0, "go": 10, "naive-asyncio": 20, "naive-uvloop": 30}
+PORT_BASE = {"ours": 0, "go": 10, "naive-asyncio": 20, "naive-uvloop": 30, "portable": 40}
 
 
 def log(msg: str) -> None:
@@ -636,7 +638,9 @@ def markdown(summary: dict[str, dict[str, float]], meta: dict[str, Any]) -> str:
     lines += [
         "",
         "Paths: *direct* = pgbench/psycopg straight to PostgreSQL (no relay); *ours* = "
-        "`alloydb-auth-proxy`; *go* = `baselines/goproxy` (Go proxy data path); "
+        "`alloydb-auth-proxy`; *portable* = the same on its portable data plane "
+        "(`ALLOYDB_AUTH_PROXY_DATA_PLANE=portable`, the pure wheel's); "
+        "*go* = `baselines/goproxy` (Go proxy data path); "
         "*naive-asyncio* / *naive-uvloop* = `baselines/naive_relay.py`. Every relay dials the same "
         "Go TLS 1.3 instance server (`baselines/tlsserver`). CPU and RSS are the relay process "
         "only (/proc/<pid>/stat utime+stime, VmRSS). Start → ready is measured for ours (the "
@@ -659,7 +663,8 @@ def chart(summary: dict[str, dict[str, float]], path: str) -> bool:
     rows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows))
     colors = {"direct": "#999999", "ours": "#1f77b4", "go": "#2ca02c",
-              "naive-asyncio": "#ff7f0e", "naive-uvloop": "#d62728"}  # fmt: skip
+              "naive-asyncio": "#ff7f0e", "naive-uvloop": "#d62728",
+              "portable": "#9467bd"}  # fmt: skip
     for ax, (key, label, unit, better, _t, _c) in zip(axes.flat, keys, strict=False):
         names = [p for p in PATHS if key in summary.get(p, {})]
         vals = [summary[p][key] for p in names]
@@ -781,7 +786,7 @@ def main() -> int:
             procs.start(f"tlsserver-{m}", argv, ready="READY")
 
         chain_f, key_f, ca_f = client_certificate(emu.admin_url, tmp)
-        base = free_port_block(40)
+        base = free_port_block(50)
         ports = {r: {m: base + PORT_BASE[r] + i for i, m in enumerate(MODES)} for r in RELAYS}
         routes = {
             r: [f"127.0.0.1:{ports[r][m]}={insts[m].private_ip}" for m in MODES] for r in RELAYS
@@ -793,6 +798,12 @@ def main() -> int:
                                     "--token", "bench-token", "--alloydbadmin-api-endpoint",
                                     emu.admin_url], ready=READY_LINE)  # fmt: skip
         relay_pid["ours"] = p.pid
+        # The same command on the portable data plane (the pure-Python wheel's).
+        p, _ = procs.start("portable", [OUR_PROXY, *uris, "--port", str(ports["portable"]["sink"]),
+                                        "--token", "bench-token", "--alloydbadmin-api-endpoint",
+                                        emu.admin_url], ready=READY_LINE,
+                           env={**os.environ, "ALLOYDB_AUTH_PROXY_DATA_PLANE": "portable"})  # fmt: skip
+        relay_pid["portable"] = p.pid
         goargs = [bins["goproxy"], "-cert", chain_f, "-key", key_f, "-ca", ca_f]
         for r in routes["go"]:
             goargs += ["-route", r]

@@ -41,6 +41,7 @@ from urllib.parse import quote, urlencode
 from proxy import workers
 from proxy.config import Config
 from proxy.errors import BadCommandError, DialError
+from proxy.eventloop import new_loop
 
 #: Not options at all.
 _NOT_OPTIONS = {"version", "config_file", "help"}
@@ -171,7 +172,7 @@ class _SharedLoop:
     def acquire(cls) -> asyncio.AbstractEventLoop:
         with cls._lock:
             if cls._loop is None:
-                loop = _new_loop()
+                loop = new_loop()
                 thread = threading.Thread(
                     target=loop.run_forever, name="alloydb-proxy", daemon=True
                 )
@@ -496,14 +497,6 @@ class Proxy:
             if instance in (listener.instance, listener.instance.split("?", 1)[0]):
                 return listener
         raise ValueError(f"this Proxy does not serve {instance!r}")
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 __all__ = ["BadCommandError", "ConnectionTestFailed", "ListenerInfo", "Proxy"]

@@ -1,0 +1,131 @@
+"""Find and fetch the newest OpenSSL 3.x source that Debian publishes.
+
+    python ci/openssl_source.py DEST_DIR     -> prints the path of the verified tarball
+
+Reads the ``Sources`` index of each suite below from the Debian mirror, picks
+the highest upstream 3.x version of the ``openssl`` source package, downloads
+its ``.orig.tar.gz`` into DEST_DIR (kept there: a second run downloads
+nothing) and checks the SHA-256 that the signed index gives. ``OPENSSL_TARBALL``
+set to a local tarball skips all of this (its version comes from its name).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import lzma
+import os
+import re
+import sys
+import urllib.error
+import urllib.request
+
+MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
+SUITES = ("trixie", "trixie-updates", "bookworm", "bookworm-updates")
+
+
+def stanzas(text: str) -> list[dict[str, str]]:
+    out = []
+    for block in text.split("\n\n"):
+        fields: dict[str, str] = {}
+        key = ""
+        for line in block.splitlines():
+            if line.startswith((" ", "\t")) and key:
+                fields[key] += "\n" + line.strip()
+            elif ":" in line:
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+        if fields:
+            out.append(fields)
+    return out
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version))
+
+
+def candidates() -> list[tuple[str, str, str, str]]:
+    """(upstream version, suite, url, sha256) of every openssl 3.x orig tarball found."""
+    found = []
+    for suite in SUITES:
+        url = f"{MIRROR}/dists/{suite}/main/source/Sources.xz"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as resp:
+                text = lzma.decompress(resp.read()).decode("utf-8", "replace")
+        except (urllib.error.URLError, OSError, lzma.LZMAError) as exc:
+            print(f"openssl_source: {url}: {exc}", file=sys.stderr)
+            continue
+        for st in stanzas(text):
+            if st.get("Package") != "openssl":
+                continue
+            for line in st.get("Checksums-Sha256", "").splitlines():
+                parts = line.split()
+                if len(parts) == 3 and re.fullmatch(r"openssl_3\.[\d.]+\.orig\.tar\.gz", parts[2]):
+                    upstream = parts[2][len("openssl_") : -len(".orig.tar.gz")]
+                    found.append(
+                        (upstream, suite, f"{MIRROR}/{st['Directory']}/{parts[2]}", parts[0])
+                    )
+    return found
+
+
+def main() -> int:
+    if len(sys.argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    dest = sys.argv[1]
+    local = os.environ.get("OPENSSL_TARBALL")
+    if local:
+        if not os.path.isfile(local):
+            print(f"OPENSSL_TARBALL={local}: no such file", file=sys.stderr)
+            return 1
+        print(os.path.abspath(local))
+        return 0
+    found = candidates()
+    if not found:
+        print(
+            f"no OpenSSL 3.x source found: looked for the 'openssl' source package in "
+            f"{', '.join(SUITES)} at {MIRROR} (set DEBIAN_MIRROR to another mirror), or set "
+            "OPENSSL_TARBALL to a local openssl-3.x.y.tar.gz",
+            file=sys.stderr,
+        )
+        return 1
+    os.makedirs(dest, exist_ok=True)
+    # Newest first; an index can name a file the mirror no longer has.
+    for upstream, suite, url, sha256 in sorted(
+        found, key=lambda c: version_key(c[0]), reverse=True
+    ):
+        path = os.path.join(dest, os.path.basename(url))
+        if os.path.isfile(path) and sha256_of(path) == sha256:
+            print(path)
+            return 0
+        tmp = path + ".part"
+        try:
+            urllib.request.urlretrieve(url, tmp)
+        except (urllib.error.URLError, OSError) as exc:
+            print(f"openssl_source: {url}: {exc}; trying an older one", file=sys.stderr)
+            continue
+        if sha256_of(tmp) != sha256:
+            os.unlink(tmp)
+            print(f"openssl_source: {url}: SHA-256 differs from the index", file=sys.stderr)
+            continue
+        os.replace(tmp, path)
+        print(f"openssl_source: OpenSSL {upstream} from Debian {suite}", file=sys.stderr)
+        print(path)
+        return 0
+    print(
+        "no OpenSSL 3.x source could be downloaded from the files the Debian indexes name; "
+        "set OPENSSL_TARBALL to a local openssl-3.x.y.tar.gz",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
