@@ -30,9 +30,11 @@ import socket
 import ssl
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 CLIENT_CLOSED = 0
@@ -46,8 +48,23 @@ WANT_READ = 1
 WANT_WRITE = 2
 
 MAX_LINGER = 1e7
+# Where the unacknowledged bytes of a socket cannot be read: how long a
+# draining client may take before it is closed anyway.
+UNKNOWN_ACK_WAIT = 2.0
 CHUNK = 131072  # plaintext per read, as the native plane's scratch buffer
 _TLS_RECORD_ROOM = CHUNK + 4096  # ciphertext of one read, whole records
+
+
+class _Scratch(threading.local):
+    """Per-thread buffers that reads land in: a fresh 128 KiB bytes object per
+    read would be an mmap and munmap each time (glibc's threshold)."""
+
+    def __init__(self) -> None:
+        self.inbound = memoryview(bytearray(_TLS_RECORD_ROOM))
+        self.plain = memoryview(bytearray(CHUNK + 16384))  # + the rest of one record
+
+
+_scratch = _Scratch()
 
 _counters = {"active": 0, "total": 0, "bytes_client_to_server": 0, "bytes_server_to_client": 0}
 
@@ -99,32 +116,44 @@ class TLSClientContext:
 
 
 def _load_chain(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
-    """``load_cert_chain`` reads files only: the key goes into one encrypted
-    under a random password that never leaves this process, in a private
+    """``load_cert_chain`` reads files only. The key goes into one encrypted
+    under a random password that never leaves this process: an anonymous
+    memory file where the OS has them (Linux), else a file in a private
     temporary directory, removed at once."""
-    if b"-----BEGIN CERTIFICATE-----" not in chain_pem:
-        raise ValueError("invalid client certificate: no PEM certificate found")
+    try:
+        certs = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError as exc:
+        raise ValueError(f"invalid client certificate: {exc}") from None
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"invalid private key: {exc}") from None
+    if certs[0].public_key() != key.public_key():
+        raise ValueError("private key does not match the client certificate")
     password = secrets.token_bytes(32)
     sealed = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(password),
     )
-    with tempfile.TemporaryDirectory(prefix="alloydb-proxy-") as tmp:
-        path = os.path.join(tmp, "client.pem")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(chain_pem.rstrip(b"\n") + b"\n" + sealed)
-        try:
+    blob = chain_pem.rstrip(b"\n") + b"\n" + sealed
+    try:
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("alloydb-client-cert", os.MFD_CLOEXEC)
+            try:
+                os.write(fd, blob)
+                ctx.load_cert_chain(f"/proc/self/fd/{fd}", password=password)
+            finally:
+                os.close(fd)
+            return
+        with tempfile.TemporaryDirectory(prefix="alloydb-proxy-") as tmp:
+            path = os.path.join(tmp, "client.pem")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(blob)
             ctx.load_cert_chain(path, password=password)
-        except ssl.SSLError as exc:
-            raise ValueError(
-                f"private key does not match the client certificate: {exc.reason or exc}"
-            ) from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"cannot load the client certificate: {exc}") from None
 
 
 def _server_name_problem(name: str) -> str:
@@ -171,7 +200,17 @@ class TLSConnection:
     def flush(self) -> bool:
         """Send buffered ciphertext; True when none is left. OSError on failure."""
         if self.outgoing.pending:
-            self.pending_out += self.outgoing.read()
+            data = self.outgoing.read()
+            if self.pending_out:
+                self.pending_out += data
+            else:  # the usual case: straight out, no copy
+                try:
+                    sent = self.sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                if sent == len(data):
+                    return True
+                self.pending_out += memoryview(data)[sent:]
         while self.pending_out:
             try:
                 sent = self.sock.send(self.pending_out)
@@ -185,11 +224,12 @@ class TLSConnection:
         if self.eof:
             return True
         try:
-            data = self.sock.recv(_TLS_RECORD_ROOM)
+            buf = _scratch.inbound
+            n = self.sock.recv_into(buf)
         except (BlockingIOError, InterruptedError):
             return False
-        if data:
-            self.incoming.write(data)
+        if n:
+            self.incoming.write(buf[:n])
         else:
             self.eof = True
             self.incoming.write_eof()
@@ -294,9 +334,19 @@ class TLSConnection:
         return self.obj.getpeercert(binary_form=True) or b""
 
 
+def _read_into(obj: ssl.SSLObject, n: int, view: memoryview) -> int:
+    """Plaintext into ``view`` (any writable buffer works; typeshed says bytearray)."""
+    return cast(int, obj.read(n, view))
+
+
+_SO_NWRITE = 0x1024  # macOS: bytes in the send buffer, not yet acknowledged
+
+
 def _unacked(sock: socket.socket) -> int:
-    """Bytes the peer has not acknowledged (Linux), else -1: unknown."""
+    """Bytes the peer has not acknowledged (Linux, macOS), else -1: unknown."""
     try:
+        if sys.platform == "darwin":
+            return sock.getsockopt(socket.SOL_SOCKET, _SO_NWRITE)
         import fcntl
         import termios
 
@@ -346,9 +396,11 @@ class Splice:
         self.write_failed = False  # writing to the instance failed: drop the client's bytes
         self.kind = -1
         self.message = ""
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.TimerHandle | None = None  # the linger
+        self.poll: asyncio.TimerHandle | None = None  # while draining
         self.watching: set[tuple[int, bool]] = set()
         self.draining = False
+        self.drain_started = 0.0
 
     # -- public
 
@@ -430,13 +482,13 @@ class Splice:
             # Nobody takes the client's bytes any more: read and drop them.
             if not self.client_eof:
                 try:
-                    data = self.client.recv(CHUNK)
+                    n = self.client.recv_into(_scratch.plain, CHUNK)
                 except (BlockingIOError, InterruptedError):
                     return False
-                except OSError:
-                    self.client_eof = True
+                except OSError as exc:
+                    self._finish(ERROR_READ_CLIENT, _errno_text(exc))
                     return True
-                if not data:
+                if not n:
                     self.client_eof = True
                 return True
             return False
@@ -451,24 +503,25 @@ class Splice:
             if not self.shut_sent:
                 self._send_shutdown()
             return moved
+        buf = _scratch.plain
         try:
-            data = self.client.recv(CHUNK)
+            n = self.client.recv_into(buf, CHUNK)
         except (BlockingIOError, InterruptedError):
             return moved
         except OSError as exc:
             self._finish(ERROR_READ_CLIENT, _errno_text(exc))
             return True
-        if not data:
+        if not n:
             self.client_eof = True
             if not self.server_eof:
                 self.client_first = True
             if not self.server_eof:
                 self._send_shutdown()
             return True
-        self.bytes_client_to_server += len(data)
-        _counters["bytes_client_to_server"] += len(data)
+        self.bytes_client_to_server += n
+        _counters["bytes_client_to_server"] += n
         try:
-            conn.obj.write(data)
+            conn.obj.write(buf[:n])
             conn.flush()  # what the socket does not take waits: _out_waiting
         except ssl.SSLError as exc:
             return self._instance_write_failed(_ssl_reason(exc, "TLS write failed"))
@@ -479,8 +532,8 @@ class Splice:
     def _send_shutdown(self) -> None:
         """The client has finished: close_notify, then a TCP half-close, to the instance."""
         conn = self.conn
-        if self.shut_sent or self.write_failed:
-            return
+        if self.shut_sent or self.write_failed or self.server_eof:
+            return  # (once the instance has ended, its tail is flushed whatever the client does)
         if not self.notify_written:
             # unwrap() calls SSL_shutdown twice, and the second call reads
             # records, dropping application data. Given an empty BIO it reads
@@ -500,11 +553,12 @@ class Splice:
         try:
             if not conn.flush():
                 return  # the next round flushes and comes back here
-            self.shut_sent = True
-            conn.sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
             self._instance_write_failed(_errno_text(exc))
             return
+        self.shut_sent = True
+        with contextlib.suppress(OSError):  # as the native plane: its result changes nothing
+            conn.sock.shutdown(socket.SHUT_WR)
         self._start_linger()
 
     def _instance_write_failed(self, message: str) -> bool:
@@ -527,25 +581,29 @@ class Splice:
                 self._finish(ERROR_WRITE_CLIENT, _errno_text(exc))
                 return True
             del self.s2c[:sent]
+            self._sent_to_client(sent)
             if self.s2c:
                 return sent > 0
             moved = True
         if self.server_eof:
             return moved
-        chunks: list[bytes] = []
+        buf = _scratch.plain
         total = 0
         eof_reason: str | None = None
         while total < CHUNK:
             try:
-                data = conn.obj.read(CHUNK - total)
+                n = _read_into(conn.obj, CHUNK - total, buf[total:])
             except ssl.SSLWantReadError:
+                if not self.write_failed:
+                    try:
+                        conn.flush()  # e.g. a KeyUpdate reply
+                    except OSError as exc:
+                        self._instance_write_failed(_errno_text(exc))
                 try:
-                    conn.flush()  # e.g. a KeyUpdate reply
                     if conn.fill():
                         continue
                 except OSError as exc:
                     eof_reason = _errno_text(exc)
-                    break
                 break
             except ssl.SSLZeroReturnError:
                 eof_reason = ""
@@ -556,19 +614,14 @@ class Splice:
             except ssl.SSLError as exc:
                 eof_reason = _ssl_reason(exc, "TLS read failed")
                 break
-            if not data:
+            if not n:
                 eof_reason = ""
                 break
-            chunks.append(data)
-            total += len(data)
+            total += n
         if eof_reason is None and conn.obj.pending():
             # The rest of the record read last: never left half-read (see _send_shutdown).
-            try:
-                data = conn.obj.read(conn.obj.pending())
-                chunks.append(data)
-                total += len(data)
-            except ssl.SSLError:
-                pass  # the next round meets it again
+            with contextlib.suppress(ssl.SSLError):  # else the next round meets it again
+                total += _read_into(conn.obj, conn.obj.pending(), buf[total:])
         waiting_to_shut = self.client_eof and not self.notify_written
         if eof_reason is None and waiting_to_shut and not self._out_waiting():
             self._send_shutdown()
@@ -580,9 +633,7 @@ class Splice:
                 self.kind = ERROR_READ_INSTANCE
             moved = True
         if total:
-            data = b"".join(chunks)
-            self.bytes_server_to_client += total
-            _counters["bytes_server_to_client"] += total
+            data = buf[:total]
             try:
                 sent = self.client.send(data)
             except (BlockingIOError, InterruptedError):
@@ -590,10 +641,16 @@ class Splice:
             except OSError as exc:
                 self._finish(ERROR_WRITE_CLIENT, _errno_text(exc))
                 return True
+            self._sent_to_client(sent)
             if sent < total:
                 self.s2c += data[sent:]
             moved = True
         return moved
+
+    def _sent_to_client(self, n: int) -> None:
+        # Counted when the client's socket took them, as the native plane does.
+        self.bytes_server_to_client += n
+        _counters["bytes_server_to_client"] += n
 
     # -- the end
 
@@ -615,6 +672,8 @@ class Splice:
             # closes too (or the linger ends).
             self.kind = kind
             self.draining = True
+            assert self.loop is not None
+            self.drain_started = self.loop.time()
             with contextlib.suppress(OSError):
                 self.client.shutdown(socket.SHUT_WR)
             self._want(self.conn.fileno(), False, False)
@@ -628,21 +687,29 @@ class Splice:
     def _drain(self) -> bool:
         while True:
             try:
-                data = self.client.recv(CHUNK)
+                n = self.client.recv_into(_scratch.plain, CHUNK)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                data = b""
-            if not data:
+                n = 0
+            if not n:
                 self._finish(self.kind, self.message)
                 return True
-        if _unacked(self.client) == 0:  # the client holds all our bytes
-            self._finish(self.kind, self.message)
+        unacked = _unacked(self.client)
+        assert self.loop is not None
+        waited = self.loop.time() - self.drain_started
+        if unacked == 0 or (unacked < 0 and waited >= UNKNOWN_ACK_WAIT):
+            self._finish(self.kind, self.message)  # the client holds all our bytes (or may)
             return True
         self._rearm()
-        assert self.loop is not None
-        self.loop.call_later(0.05, self._pump)  # acks wake nobody: look again
+        if self.poll is None:  # acks wake nobody: look again, one timer at a time
+            assert self.loop is not None
+            self.poll = self.loop.call_later(0.05, self._poll_drain)
         return True
+
+    def _poll_drain(self) -> None:
+        self.poll = None
+        self._pump()
 
     def _start_linger(self) -> None:
         if self.timer is not None or self.loop is None:
@@ -653,8 +720,8 @@ class Splice:
             self.timer = self.loop.call_later(self.linger, self._linger_over)
 
     def _linger_over(self) -> None:
-        if self.finished:
-            return
+        if self.finished or (self.server_eof and not self.draining):
+            return  # the instance has ended: its tail is being flushed (see _ended)
         if self.draining:
             self._finish(self.kind, self.message)
         elif self.client_eof:
@@ -667,15 +734,17 @@ class Splice:
         self.finished = True
         for fd, write in list(self.watching):
             self._want(fd, write, False)
-        if self.timer is not None:
-            self.timer.cancel()
+        for handle in (self.timer, self.poll):
+            if handle is not None:
+                handle.cancel()
         self.client.close()
         self.conn.close()
         _counters["active"] -= 1
         on_done, self.on_done = self.on_done, None
         assert self.loop is not None
         if on_done is not None:
-            self.loop.call_soon(self._deliver, on_done, kind, message)
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody to tell
+                self.loop.call_soon(self._deliver, on_done, kind, message)
 
     def _deliver(self, on_done: Callable[[int, str], None], kind: int, message: str) -> None:
         try:

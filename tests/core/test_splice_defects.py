@@ -550,3 +550,54 @@ def test_a_client_still_sending_when_the_instance_ends_gets_the_whole_tail(
         assert await s.outcome() == (_splice.INSTANCE_CLOSED, "")
 
     run(main)
+
+
+@pytest.mark.parametrize("notify", [True, False])
+@pytest.mark.parametrize("late_reader", [False, True])
+def test_client_half_close_after_the_instance_ended_keeps_the_tail(
+    run, tls_server, client_context, notify, late_reader
+):
+    """The instance ends first while its tail waits for a slow client; then the client
+    half-closes. The tail reaches the client whole and the outcome is the instance's
+    end (found in review of the portable plane, which half-closed the ended instance
+    and cut the tail at the linger). With a late reader (reading only after a linger
+    of 0 has passed) only the portable plane is asked: it has read the instance's end
+    already; the native plane reads it only once the client has taken the tail, so
+    until then its linger applies, by design."""
+    if late_reader and _splice.__name__ != "proxy.portable":
+        pytest.skip("the native plane has not seen the instance's end here (see docstring)")
+    payload = pattern(60_000, seed=21)
+    linger = 0.0 if late_reader else 5.0
+
+    def send_end_and_stay(tls):
+        tls.sendall(payload)
+        if notify:
+            close_notify(tls)
+        else:
+            tls.shutdown(socket.SHUT_WR)
+        time.sleep(3)  # the socket stays open: only the stream has ended
+
+    server = tls_server(send_end_and_stay)
+
+    async def main():
+        s = await spliced(
+            client_context, server.port, linger=linger, proxy_sndbuf=4096, client_rcvbuf=4096
+        )
+        time.sleep(0.5)  # blocks the loop: the payload and its end arrive together
+        await asyncio.sleep(0.3)
+        s.sock.shutdown(socket.SHUT_WR)
+        if late_reader:
+            await asyncio.sleep(0.5)
+        got = await asyncio.wait_for(read_slowly(s.sock, chunk=65536, pause=0), 5)
+        outcome = await s.outcome()
+        assert got == payload
+        assert s.splice.bytes_server_to_client == len(payload)
+        if not notify:
+            assert outcome == (_splice.ERROR_READ_INSTANCE, "unexpected EOF")
+        elif late_reader:
+            assert outcome == (_splice.INSTANCE_CLOSED, "")
+        else:  # a clean end; which side ended first is as the plane saw it
+            assert outcome in ((_splice.INSTANCE_CLOSED, ""), (_splice.CLIENT_CLOSED, ""))
+        s.sock.close()
+
+    run(main)
