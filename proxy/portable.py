@@ -184,6 +184,7 @@ class TLSConnection:
         self.outgoing = ssl.MemoryBIO()
         self.pending_out = bytearray()  # ciphertext the socket has not taken
         self.eof = False  # the socket has returned EOF
+        self.drained = False  # the last fill() found the socket (probably) empty
         try:
             self.obj = context.ctx.wrap_bio(
                 self.incoming,
@@ -227,7 +228,9 @@ class TLSConnection:
             buf = _scratch.inbound
             n = self.sock.recv_into(buf)
         except (BlockingIOError, InterruptedError):
+            self.drained = True
             return False
+        self.drained = n < len(buf)  # (a guess, saving a recv that would say EAGAIN)
         if n:
             self.incoming.write(buf[:n])
         else:
@@ -399,6 +402,7 @@ class Splice:
         self.timer: asyncio.TimerHandle | None = None  # the linger
         self.poll: asyncio.TimerHandle | None = None  # while draining
         self.watching: set[tuple[int, bool]] = set()
+        self.wanted: tuple[bool, ...] = ()  # what _rearm asked for last
         self.draining = False
         self.drain_started = 0.0
 
@@ -425,30 +429,42 @@ class Splice:
         key = (fd, write)
         if on and key not in self.watching:
             self.watching.add(key)
-            (self.loop.add_writer if write else self.loop.add_reader)(fd, self._pump)
+            # An event serves one direction: the client readable or the instance
+            # writable moves client bytes; the other two, instance bytes.
+            towards_instance = (fd == self.client.fileno()) != write
+            callback = self._pump_c2s if towards_instance else self._pump_s2c
+            (self.loop.add_writer if write else self.loop.add_reader)(fd, callback)
         elif not on and key in self.watching:
             self.watching.discard(key)
             (self.loop.remove_writer if write else self.loop.remove_reader)(fd)
 
-    def _pump(self) -> None:
+    def _pump_c2s(self) -> None:
+        self._pump(True, False)
+
+    def _pump_s2c(self) -> None:
+        self._pump(False, True)
+
+    def _pump(self, c2s: bool = True, s2c: bool = True) -> None:
+        """One round in the directions asked; readiness is level-triggered, so what
+        is left on a socket wakes us again. Only what OpenSSL holds does not."""
         if self.finished:
             return
         if self.draining:
             self._drain()
             return
         try:
-            for _ in range(16):  # then let other connections have a turn
-                a = self._c2s()
+            if c2s:
+                self._c2s()
                 if self.finished:
                     return
-                b = self._s2c()
-                if self.finished or self._ended():
-                    return
-                if not (a or b):
-                    break
-            else:
+            if s2c:
+                self._s2c()
+            if self.finished or self._ended():
+                return
+            conn = self.conn
+            if not (self.server_eof or self.s2c) and (conn.incoming.pending or conn.obj.pending()):
                 assert self.loop is not None
-                self.loop.call_soon(self._pump)
+                self.loop.call_soon(self._pump_s2c)  # after the other connections' turn
             self._rearm()
         except Exception as exc:  # a bug here must end one connection, not the loop
             self._finish(ERROR_READ_CLIENT, f"internal error: {exc!r}")
@@ -466,12 +482,21 @@ class Splice:
             self._want(sfd, True, False)
             return
         out_waiting = self._out_waiting()
-        # client -> instance: read the client while nothing of it is waiting
-        self._want(cfd, False, not self.client_eof and not out_waiting)
-        # instance -> client
-        self._want(cfd, True, bool(self.s2c))
-        self._want(sfd, False, not self.server_eof and not self.s2c)
-        self._want(sfd, True, out_waiting and not self.write_failed)
+        wanted = (
+            # client -> instance: read the client while nothing of it is waiting
+            not self.client_eof and not out_waiting,
+            # instance -> client
+            bool(self.s2c),
+            not self.server_eof and not self.s2c,
+            out_waiting and not self.write_failed,
+        )
+        if wanted == self.wanted:
+            return  # the usual case: nothing to change
+        self.wanted = wanted
+        self._want(cfd, False, wanted[0])
+        self._want(cfd, True, wanted[1])
+        self._want(sfd, False, wanted[2])
+        self._want(sfd, True, wanted[3])
 
     # -- directions
 
@@ -590,7 +615,20 @@ class Splice:
         buf = _scratch.plain
         total = 0
         eof_reason: str | None = None
+        filled = False
         while total < CHUNK:
+            if not (conn.incoming.pending or conn.obj.pending() or conn.eof):
+                # Nothing for OpenSSL to decrypt: read the socket, unless this round
+                # has found it empty already (readiness is level-triggered).
+                if filled and conn.drained:
+                    break
+                try:
+                    filled = True
+                    if not conn.fill():
+                        break
+                except OSError as exc:
+                    eof_reason = _errno_text(exc)
+                    break
             try:
                 n = _read_into(conn.obj, CHUNK - total, buf[total:])
             except ssl.SSLWantReadError:
@@ -618,6 +656,11 @@ class Splice:
                 eof_reason = ""
                 break
             total += n
+        if conn.outgoing.pending and not self.write_failed:
+            try:
+                conn.flush()  # e.g. a KeyUpdate reply
+            except OSError as exc:
+                self._instance_write_failed(_errno_text(exc))
         if eof_reason is None and conn.obj.pending():
             # The rest of the record read last: never left half-read (see _send_shutdown).
             with contextlib.suppress(ssl.SSLError):  # else the next round meets it again

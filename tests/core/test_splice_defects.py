@@ -566,6 +566,8 @@ def test_client_half_close_after_the_instance_ended_keeps_the_tail(
     until then its linger applies, by design."""
     if late_reader and _splice.__name__ != "proxy.portable":
         pytest.skip("the native plane has not seen the instance's end here (see docstring)")
+    if late_reader and not notify:
+        pytest.skip("a bare FIN is seen only by the next read, which waits for the client")
     payload = pattern(60_000, seed=21)
     linger = 0.0 if late_reader else 5.0
 
