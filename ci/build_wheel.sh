@@ -8,7 +8,8 @@
 #   alloydb_auth_proxy-V-py3-none-any.whl
 #       no native code: the portable data plane (ssl module + event loop)
 #
-# Usage: bash ci/build_wheel.sh [x86_64|aarch64 ...]   (default: x86_64)
+# Usage: bash ci/build_wheel.sh [x86_64|aarch64 ...]   (default: x86_64; aarch64 is
+# cross-compiled, checked with auditwheel show and readelf, not run here)
 #
 # OpenSSL: the newest 3.x source package Debian publishes (ci/openssl_source.py),
 # or OPENSSL_TARBALL=/path/openssl-3.x.y.tar.gz. Its build is cached in
@@ -69,8 +70,18 @@ for ARCH in "${ARCHES[@]}"; do
         CC="$TOOLS/cc" LDSHARED="$TOOLS/cc -shared" CFLAGS="-O2" LDFLAGS="" \
         "$VPY" -m pip wheel --no-build-isolation --no-deps -q -w "$WORK/dist-$ARCH" \
         .
-    PATH="$WORK/venv/bin:$PATH" auditwheel repair --plat "manylinux_2_28_$ARCH" -w wheelhouse \
-        "$WORK"/dist-"$ARCH"/*.whl >&2
+    WHL=$(ls "$WORK"/dist-"$ARCH"/*.whl)
+    if [ "$ARCH" = "$(uname -m)" ]; then
+        PATH="$WORK/venv/bin:$PATH" auditwheel repair --plat "manylinux_2_28_$ARCH" -w wheelhouse \
+            "$WHL" >&2
+    else
+        # auditwheel repairs only for this machine's architecture; its `show`
+        # reads any, and must name the tag before the wheel is retagged.
+        "$WORK/venv/bin/auditwheel" show "$WHL" | tr -s ' \n' ' ' | grep -q "\"manylinux_2_28_$ARCH\"" \
+            || { log "auditwheel does not confirm manylinux_2_28_$ARCH for $WHL"; exit 1; }
+        NEW=$("$VPY" -m wheel tags --platform-tag "manylinux_2_28_$ARCH" --remove "$WHL")
+        mv "$WORK/dist-$ARCH/$NEW" wheelhouse/
+    fi
 done
 
 # --- the pure-Python wheel
