@@ -79,6 +79,9 @@ setup(
     if PURE
     else cythonize(
         extensions,
+        # A wheel is built from fresh C, never from a _splice.c that an
+        # editable install left with other directives.
+        force=bool(STATIC_OPENSSL or LIMITED_API),
         language_level=3,
         annotate=os.environ.get("PROXY_ANNOTATE") == "1",
         compiler_directives={

@@ -30,5 +30,5 @@ CONFIGURE=(./Configure)
     || { tail -40 configure.log >&2; exit 1; }
 make -j"$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)" build_libs >make.log 2>&1 \
     || { tail -40 make.log >&2; exit 1; }
-make install_dev >/dev/null 2>&1
+make install_dev >install.log 2>&1 || { tail -40 install.log >&2; exit 1; }
 echo "$PREFIX"

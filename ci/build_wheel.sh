@@ -22,6 +22,8 @@ GLIBC=2.28
 ARCHES=("${@:-x86_64}")
 PYTHON=${PYTHON:-python3}
 mkdir -p "$WORK" wheelhouse
+# Only this run's wheels: an older build's would be installed or tested instead.
+rm -f wheelhouse/alloydb_auth_proxy-*.whl wheelhouse/OPENSSL_VERSION
 
 log() { echo "[build_wheel] $*" >&2; }
 
@@ -49,7 +51,12 @@ for ARCH in "${ARCHES[@]}"; do
     TOOLS=$WORK/tools-$ARCH
     mkdir -p "$TOOLS"
     # One word per tool: OpenSSL's Configure and setuptools both split CC.
-    printf '#!/bin/sh\nexec "%s" -m ziglang cc -target %s "$@"\n' "$VPY" "$ZTARGET" > "$TOOLS/cc"
+    # zig searches no multiarch include directory, where Debian's pyconfig.h
+    # puts the real one (/usr/include/<multiarch>/pythonX.Y/pyconfig.h).
+    MULTIARCH_INC=$("$VPY" -c 'import sysconfig; print(sysconfig.get_config_var("MULTIARCH") or "")')
+    EXTRA_INC=
+    [ -n "$MULTIARCH_INC" ] && [ -d "/usr/include/$MULTIARCH_INC" ] && EXTRA_INC="-idirafter /usr/include/$MULTIARCH_INC"
+    printf '#!/bin/sh\nexec "%s" -m ziglang cc -target %s %s "$@"\n' "$VPY" "$ZTARGET" "$EXTRA_INC" > "$TOOLS/cc"
     printf '#!/bin/sh\nexec "%s" -m ziglang ar "$@"\n' "$VPY" > "$TOOLS/ar"
     printf '#!/bin/sh\nexec "%s" -m ziglang ranlib "$@"\n' "$VPY" > "$TOOLS/ranlib"
     chmod +x "$TOOLS/cc" "$TOOLS/ar" "$TOOLS/ranlib"
@@ -58,9 +65,11 @@ for ARCH in "${ARCHES[@]}"; do
     PREFIX=$WORK/openssl-$OPENSSL_VER-$ZTARGET
     if [ ! -f "$PREFIX/lib/libcrypto.a" ]; then
         log "building OpenSSL $OPENSSL_VER for $ZTARGET (a few minutes, once)"
-        rm -rf "$PREFIX"
-        CC="$TOOLS/cc" AR="$TOOLS/ar" RANLIB="$TOOLS/ranlib" PYTHON="$VPY" \
-            OPENSSL_SRC_CACHE="$WORK/src" bash ci/build_openssl.sh "$PREFIX" "$OSSL_TARGET" >/dev/null
+        rm -rf "$PREFIX" "$PREFIX.part"
+        # The tarball found above, so the cache's name says what is in it.
+        CC="$TOOLS/cc" AR="$TOOLS/ar" RANLIB="$TOOLS/ranlib" PYTHON="$VPY" OPENSSL_TARBALL="$TARBALL" \
+            bash ci/build_openssl.sh "$PREFIX.part" "$OSSL_TARGET" >/dev/null
+        mv "$PREFIX.part" "$PREFIX"  # only a finished build is ever reused
     fi
 
     # --- the extension and the binary wheel

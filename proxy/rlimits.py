@@ -7,12 +7,14 @@ gets the same raise from the Go runtime (Go 1.19 and later, on Linux).
 
 from __future__ import annotations
 
-import resource
-
 from proxy.log import Logger
 
 
 def raise_open_file_limit(log: Logger) -> None:
+    try:
+        import resource  # POSIX only: Windows has no such limit to raise
+    except ImportError:
+        return
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if hard == resource.RLIM_INFINITY or soft == hard:

@@ -20,11 +20,11 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import platform
 import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 import zipfile
 
@@ -47,8 +47,9 @@ READY = "The proxy has started successfully and is ready for new connections!"
 
 
 def test_the_installed_package_is_under_test():
-    site = sysconfig.get_paths()["purelib"]
-    assert proxy.__file__.startswith(site), proxy.__file__
+    # sys.prefix is the fresh virtualenv (its site-packages may be lib or lib64)
+    assert proxy.__file__.startswith(sys.prefix + os.sep), proxy.__file__
+    assert "site-packages" in proxy.__file__
     assert os.path.isfile(COMMAND)
 
 
@@ -59,12 +60,12 @@ def extension() -> str:
 
 @pytest.mark.skipif(EXPECT != "binary", reason="binary wheel only")
 def test_binary_wheel_tag_links_and_exports():
-    (wheel,) = glob.glob(os.path.join(WHEELHOUSE, "*manylinux*.whl"))
-    assert wheel.endswith("-cp310-abi3-manylinux_2_28_x86_64.whl"), wheel
+    (wheel,) = glob.glob(os.path.join(WHEELHOUSE, f"*manylinux*_{platform.machine()}.whl"))
+    assert wheel.endswith(f"-cp310-abi3-manylinux_2_28_{platform.machine()}.whl"), wheel
     assert os.path.basename(wheel).startswith(f"alloydb_auth_proxy-{proxy.__version__}-"), wheel
     with zipfile.ZipFile(wheel) as zf:
         tags = [line for line in zf.read(next(n for n in zf.namelist() if n.endswith("WHEEL"))).decode().splitlines() if line.startswith("Tag:")]  # fmt: skip
-    assert tags == ["Tag: cp310-abi3-manylinux_2_28_x86_64"], tags
+    assert tags == [f"Tag: cp310-abi3-manylinux_2_28_{platform.machine()}"], tags
     so = extension()
     ldd = subprocess.run(["ldd", so], capture_output=True, text=True, check=True).stdout
     assert "libssl" not in ldd and "libcrypto" not in ldd, ldd
@@ -83,14 +84,21 @@ def test_binary_wheel_tag_links_and_exports():
 @pytest.mark.skipif(EXPECT != "binary", reason="binary wheel only")
 def test_the_private_openssl_and_the_systems_live_side_by_side():
     """Python's ssl, cryptography and libpq (psycopg) load the system OpenSSL; ours is
-    inside the extension and neither takes the other's symbols."""
+    inside the extension and neither takes the other's symbols: each works after the
+    other is loaded (the end-to-end tests below run with all of them loaded)."""
     import ssl
 
-    import cryptography.hazmat.backends  # noqa: F401
+    from cryptography.hazmat.primitives import hashes
 
     from proxy import _splice
 
-    assert _splice.openssl_version() != ssl.OPENSSL_VERSION
+    before = _splice.openssl_version()
+    ssl.create_default_context().load_default_certs()
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(b"x")
+    assert digest.finalize().hex().startswith("2d711642")
+    psycopg.pq.version()  # libpq, and its libssl, are loaded
+    assert _splice.openssl_version() == before
     out = run_version()
     assert "data plane: native" in out and _splice.openssl_version() in out
 

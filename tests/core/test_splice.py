@@ -25,18 +25,31 @@ from .splicing import pattern
 from .test_tls import connect
 
 
-def fd_count() -> int:
-    # Collect first: sockets of earlier tests awaiting GC would skew the baseline.
+def _fds_now() -> int:
+    # Collect first: sockets of earlier tests awaiting GC would skew the count.
     gc.collect()
     return len(os.listdir("/proc/self/fd"))
+
+
+def fd_count() -> int:
+    """The fd count once it holds still: an earlier test's TLS server thread may
+    still be closing its side, which would move the baseline during this test."""
+    last, deadline = _fds_now(), time.monotonic() + 3
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = _fds_now()
+        if now == last:
+            return now
+        last = now
+    return last
 
 
 def assert_fds_back_to(before: int) -> None:
     """The test's TLS server threads close their side a moment later: poll briefly."""
     deadline = time.monotonic() + 3
-    while fd_count() != before and time.monotonic() < deadline:
+    while _fds_now() != before and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert fd_count() == before
+    assert _fds_now() == before
 
 
 async def spliced(ctx, port, *, linger=5.0):

@@ -28,6 +28,17 @@ def test_cibuildwheel_lists_the_linux_abi3_builds():
     )  # fmt: skip
 
 
+def test_cibuildwheel_tests_the_installed_native_core_not_the_source_tree():
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
+        cibw = tomllib.load(fh)["tool"]["cibuildwheel"]
+    assert cibw["test-command"] == "bash {project}/ci/wheel/test_cibuildwheel.sh {project}"
+    with open(os.path.join(ROOT, "ci", "wheel", "test_cibuildwheel.sh")) as fh:
+        script = fh.read()
+    assert "ALLOYDB_AUTH_PROXY_DATA_PLANE=native" in script and 'cd "$WORK"' in script
+
+
 def test_the_workflow_builds_every_artifact():
     with open(os.path.join(ROOT, ".github", "workflows", "wheels.yml")) as fh:
         flow = yaml.safe_load(fh)
@@ -36,5 +47,7 @@ def test_the_workflow_builds_every_artifact():
     assert "pypa/cibuildwheel" in steps
     assert "PROXY_PURE=1 python -m build --wheel" in steps
     assert "python -m build --sdist" in steps
+    (cibw,) = [s for s in jobs["binary"]["steps"] if "cibuildwheel" in s.get("uses", "")]
+    assert cibw["env"]["CIBW_ARCHS"] == "native"  # no emulation on either runner
     oses = jobs["pure-elsewhere"]["strategy"]["matrix"]["os"]
     assert any(o.startswith("macos") for o in oses) and any(o.startswith("windows") for o in oses)

@@ -87,5 +87,6 @@ def test_systemd_unit_notifies_restarts_and_is_hardened(monkeypatch):
     argv = shlex.split(service["ExecStart"])
     assert os.path.basename(argv[0]) == "alloydb-auth-proxy"
     cfg = parse(argv[1:], monkeypatch)
-    assert cfg.credentials_file == "/etc/alloydb-auth-proxy/key.json"
+    assert cfg.credentials_file == "${CREDENTIALS_DIRECTORY}/key.json"  # systemd expands it
+    assert service["LoadCredential"] == "key.json:/etc/alloydb-auth-proxy/key.json"
     assert cfg.address == "127.0.0.1" and cfg.port == 5432
