@@ -668,7 +668,7 @@ def chart(summary: dict[str, dict[str, float]], path: str) -> bool:
     for ax, (key, label, unit, better, _t, _c) in zip(axes.flat, keys, strict=False):
         names = [p for p in PATHS if key in summary.get(p, {})]
         vals = [summary[p][key] for p in names]
-        ax.bar(names, vals, color=[colors[p] for p in names])
+        ax.bar(names, vals, color=[colors.get(p, "#8c564b") for p in names])
         title = label.strip().replace(" (N idle)", "")
         ax.set_title(f"{title} ({unit}, {better} is better)", fontsize=9)
         ax.tick_params(axis="x", labelsize=7, rotation=20)
@@ -708,7 +708,25 @@ def main() -> int:
         help="comma list of: throughput,ping,pgbench,connect,copy,rss,startup,concurrent",
     )
     ap.add_argument("--keep-logs", action="store_true", help="keep the temporary log directory")
+    ap.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME=COMMAND",
+        help="another build of our command as one more relay, e.g. "
+        "abi3=/tmp/venv-abi3/bin/alloydb-auth-proxy (repeatable)",
+    )
     args = ap.parse_args()
+    global RELAYS, PATHS
+    also: dict[str, str] = {}
+    for item in args.also:
+        name, sep, command = item.partition("=")
+        if not sep or not name or not os.path.isfile(command) or name in RELAYS:
+            ap.error(f"--also {item!r}: expected NAME=COMMAND with a new name and a file")
+        also[name] = command
+        PORT_BASE[name] = 50 + 10 * (len(also) - 1)
+    RELAYS = RELAYS + tuple(also)
+    PATHS = ("direct",) + RELAYS
     smoke = args.smoke
     quick = args.quick or smoke
     rounds = args.rounds or (1 if smoke else 2 if quick else 3)
@@ -786,7 +804,7 @@ def main() -> int:
             procs.start(f"tlsserver-{m}", argv, ready="READY")
 
         chain_f, key_f, ca_f = client_certificate(emu.admin_url, tmp)
-        base = free_port_block(50)
+        base = free_port_block(50 + 10 * len(also))
         ports = {r: {m: base + PORT_BASE[r] + i for i, m in enumerate(MODES)} for r in RELAYS}
         routes = {
             r: [f"127.0.0.1:{ports[r][m]}={insts[m].private_ip}" for m in MODES] for r in RELAYS
@@ -804,6 +822,11 @@ def main() -> int:
                                         emu.admin_url], ready=READY_LINE,
                            env={**os.environ, "ALLOYDB_AUTH_PROXY_DATA_PLANE": "portable"})  # fmt: skip
         relay_pid["portable"] = p.pid
+        for name, command in also.items():
+            p, _ = procs.start(name, [command, *uris, "--port", str(ports[name]["sink"]), "--token",
+                                      "bench-token", "--alloydbadmin-api-endpoint", emu.admin_url],
+                               ready=READY_LINE)  # fmt: skip
+            relay_pid[name] = p.pid
         goargs = [bins["goproxy"], "-cert", chain_f, "-key", key_f, "-ca", ca_f]
         for r in routes["go"]:
             goargs += ["-route", r]
