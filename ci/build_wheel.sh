@@ -53,9 +53,16 @@ for ARCH in "${ARCHES[@]}"; do
     # One word per tool: OpenSSL's Configure and setuptools both split CC.
     # zig searches no multiarch include directory, where Debian's pyconfig.h
     # puts the real one (/usr/include/<multiarch>/pythonX.Y/pyconfig.h).
-    MULTIARCH_INC=$("$VPY" -c 'import sysconfig; print(sysconfig.get_config_var("MULTIARCH") or "")')
+    # Only those Python headers are exposed (a symlink farm), not the host's libc.
+    MULTIARCH=$("$VPY" -c 'import sysconfig; print(sysconfig.get_config_var("MULTIARCH") or "")')
     EXTRA_INC=
-    [ -n "$MULTIARCH_INC" ] && [ -d "/usr/include/$MULTIARCH_INC" ] && EXTRA_INC="-idirafter /usr/include/$MULTIARCH_INC"
+    if [ -n "$MULTIARCH" ] && compgen -G "/usr/include/$MULTIARCH/python3*" >/dev/null; then
+        mkdir -p "$TOOLS/include/$MULTIARCH"
+        for dir in /usr/include/"$MULTIARCH"/python3*; do
+            ln -sfn "$dir" "$TOOLS/include/$MULTIARCH/$(basename "$dir")"
+        done
+        EXTRA_INC="-idirafter $TOOLS/include"
+    fi
     printf '#!/bin/sh\nexec "%s" -m ziglang cc -target %s %s "$@"\n' "$VPY" "$ZTARGET" "$EXTRA_INC" > "$TOOLS/cc"
     printf '#!/bin/sh\nexec "%s" -m ziglang ar "$@"\n' "$VPY" > "$TOOLS/ar"
     printf '#!/bin/sh\nexec "%s" -m ziglang ranlib "$@"\n' "$VPY" > "$TOOLS/ranlib"
