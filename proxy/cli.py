@@ -312,25 +312,33 @@ class _CobraStyleCommand(click.Command):
 )
 @click.pass_context
 def root(ctx: click.Context, /, instances: tuple[str, ...], **opts: Any) -> None:
+    try:
+        cfg, warnings = config_from(ctx, instances, opts)
+    except BadCommandError as exc:
+        fail(str(exc))
+    sys.exit(run(cfg, warnings))
+
+
+def config_from(
+    ctx: click.Context, instances: tuple[str, ...], opts: dict[str, Any]
+) -> tuple[Config, list[str]]:
+    """The Config of a parsed command line, with ALLOYDB_PROXY_* and the config file."""
     cli_set = {
         name
         for name in opts
         if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
     }
-    try:
-        file_values = load_config_file(opts["config_file"]) if opts["config_file"] else {}
-        extra = overlay(
-            _unset_option_converters(ctx, cli_set),
-            environ=os.environ,
-            file_values=file_values,
-            file_path=opts["config_file"],
-        )
-        opts.update({name.replace("-", "_"): value for name, value in extra.values.items()})
-        set_options = frozenset(cli_set | {n.replace("-", "_") for n in extra.values})
-        cfg = build_config(instances or tuple(extra.instances), opts, set_options)
-    except BadCommandError as exc:
-        fail(str(exc))
-    sys.exit(run(cfg, extra.warnings))
+    file_values = load_config_file(opts["config_file"]) if opts["config_file"] else {}
+    extra = overlay(
+        _unset_option_converters(ctx, cli_set),
+        environ=os.environ,
+        file_values=file_values,
+        file_path=opts["config_file"],
+    )
+    opts.update({name.replace("-", "_"): value for name, value in extra.values.items()})
+    set_options = frozenset(cli_set | {n.replace("-", "_") for n in extra.values})
+    cfg = build_config(instances or tuple(extra.instances), opts, set_options)
+    return cfg, list(extra.warnings)
 
 
 def _unset_option_converters(
@@ -513,13 +521,55 @@ def run(cfg: Config, warnings: list[str] | tuple[str, ...] = ()) -> int:
     return int(outcome.code)
 
 
+def _doctor(
+    ctx: click.Context,
+    /,
+    instances: tuple[str, ...],
+    db_user: str,
+    db_name: str,
+    output_format: str,
+    **opts: Any,
+) -> None:
+    try:
+        cfg, _warnings = config_from(ctx, instances, opts)
+    except BadCommandError as exc:
+        fail(str(exc))
+    from proxy import doctor
+
+    configure(structured=False, quiet=True, debug=False)  # the report is the output
+    options = doctor.Options(db_user, db_name, os.environ.get("PGPASSWORD", ""))
+    sys.exit(doctor.main(cfg, options, output_format))
+
+
+def doctor_command() -> click.Command:
+    """``doctor``: the proxy's own options (not --version) plus three of its own."""
+    params = [p for p in root.params if p.name != "version"] + [
+        click.Option(["--db-user"], default="", help="Try a database login as this user."),
+        click.Option(["--db-name"], default="postgres", help="Database for the login."),
+        click.Option(
+            ["--format", "output_format"],
+            type=click.Choice(["text", "json"]),
+            default="text",
+            help="text (a table) or json (one object).",
+        ),
+    ]
+    return click.Command(
+        "doctor",
+        params=params,
+        callback=click.pass_context(_doctor),
+        help="Check each link from this host to an AlloyDB login, and say how to fix the first broken one.",
+    )
+
+
 def main() -> None:
     # The root command takes free positional instance URIs, so subcommands are
     # picked out by their first word before click sees the arguments.
     from proxy.subcommands import SUBCOMMANDS
 
     args = sys.argv[1:]
-    if args and args[0] in SUBCOMMANDS:
+    if args and args[0] == "doctor":
+        doctor_command().main(args[1:], prog_name=f"{PROG} doctor")
+    elif args and args[0] in SUBCOMMANDS:
         SUBCOMMANDS[args[0]].main(args[1:], prog_name=f"{PROG} {args[0]}")
     elif args and args[0] == "help":
         root.main(["--help"], prog_name=PROG)
