@@ -92,8 +92,38 @@ async def _credentials(cfg: Config, results: list[Check]) -> CredentialSet | Non
         text = f"{type(exc).__name__}: {exc}"
         _record(results, "", "credentials", "fail", text, _credentials_fix(text))
         return None
-    _record(results, "", "credentials", "pass", f"{creds.description}; a token was obtained")
+    who = _principal(cfg)
+    detail = f"{creds.description}; a token was obtained" + (f"; principal {who}" if who else "")
+    _record(results, "", "credentials", "pass", detail)
     return creds
+
+
+def _principal(cfg: Config) -> str:
+    """The principal's email where the configuration says it (never a secret)."""
+    if cfg.impersonate_service_account:
+        return cfg.impersonate_service_account.split(",")[0].strip()
+    info: Any = None
+    try:
+        if cfg.credentials_file:
+            with open(cfg.credentials_file, encoding="utf-8") as fh:
+                info = json.load(fh)
+        elif cfg.json_credentials:
+            info = json.loads(cfg.json_credentials)
+        elif os.environ.get("GOOGLE_APPLICATION_CREDENTIALS") and not (
+            cfg.token or cfg.gcloud_auth
+        ):
+            with open(os.environ["GOOGLE_APPLICATION_CREDENTIALS"], encoding="utf-8") as fh:
+                info = json.load(fh)
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(info, dict):
+        return ""
+    if isinstance(info.get("client_email"), str):
+        return str(info["client_email"])
+    url = info.get("service_account_impersonation_url")
+    if isinstance(url, str) and "serviceAccounts/" in url:
+        return url.split("serviceAccounts/", 1)[1].split(":", 1)[0]
+    return ""
 
 
 def _credentials_fix(text: str) -> str:

@@ -123,3 +123,102 @@ def test_no_credentials_fail_first_and_skip_the_rest(emulator, tmp_path):
     assert report["checks"][0]["check"] == "credentials"
     assert report["checks"][0]["status"] == "fail"
     assert all(c["status"] == "skip" for c in report["checks"][1:])
+
+
+def test_permission_denied_names_the_two_roles_and_the_project(emulator):
+    emulator.faults.set(admin_status=403)
+    code, report, proc = doctor(emulator, URI, "--token", TOKEN_APP)
+    admin = by_check(report)["admin_api"]
+    assert code == 1 and admin["status"] == "fail" and "403" in admin["detail"]
+    assert "roles/alloydb.client" in admin["fix"]
+    assert "roles/serviceusage.serviceUsageConsumer" in admin["fix"]
+    assert "'project-id'" in admin["fix"]
+    code, text, _ = doctor(emulator, URI, "--token", TOKEN_APP, fmt="text")
+    assert code == 1 and "roles/alloydb.client" in text
+
+
+def test_a_server_certificate_for_another_address_fails_tls(emulator):
+    emulator.faults.set(wrong_san=True)
+    code, report, _ = doctor(emulator, URI, "--token", TOKEN_APP)
+    tls = by_check(report)["tls"]
+    assert code == 1 and tls["status"] == "fail"
+    assert "certificate verify failed" in tls["detail"]
+    assert by_check(report)["metadata_exchange"]["status"] == "skip"
+
+
+def test_the_servers_metadata_exchange_error_is_shown(emulator):
+    emulator.faults.set(mdx_error="IAM principal lacks alloydb.instances.connect")
+    code, report, _ = doctor(emulator, URI, "--token", TOKEN_IAM, "--auto-iam-authn")
+    mdx = by_check(report)["metadata_exchange"]
+    assert code == 1 and mdx["status"] == "fail"
+    assert "IAM principal lacks alloydb.instances.connect" in mdx["detail"]
+    assert "alloydb.login" in mdx["fix"]
+
+
+# ---------------------------------------------------------------- credentials
+
+
+@pytest.fixture
+def cred_emulator(pg, fakes):
+    from proxy.emulator import Emulator
+
+    from .fakes import TokensByPrefix
+
+    emu = Emulator(postgres_host=pg.host, postgres_port=pg.port, tokens=TokensByPrefix(fakes))
+    emu.add_instance(URI, psc=True)
+    emu.start()
+    yield emu
+    emu.stop()
+
+
+def test_imds_without_a_session_token_gets_the_imdsv2_fix(cred_emulator, fakes, tmp_path):
+    from .fakes import aws_external_account_info
+
+    (tmp_path / "wif.json").write_text(
+        json.dumps(aws_external_account_info(fakes.url, SA_EMAIL, imdsv2=False))
+    )
+    code, report, proc = doctor(
+        cred_emulator, URI, "--credentials-file", str(tmp_path / "wif.json")
+    )
+    creds = report["checks"][0]
+    assert code == 1 and creds["check"] == "credentials" and creds["status"] == "fail"
+    assert "imdsv2" in (creds["detail"] + creds["fix"]).lower()
+
+
+def test_an_sts_refusal_names_the_exchange(cred_emulator, fakes, tmp_path):
+    from .fakes import aws_external_account_info
+
+    fakes.sts_error = "The audience does not match"
+    (tmp_path / "wif.json").write_text(json.dumps(aws_external_account_info(fakes.url, SA_EMAIL)))
+    code, report, _ = doctor(cred_emulator, URI, "--credentials-file", str(tmp_path / "wif.json"))
+    creds = report["checks"][0]
+    assert code == 1 and creds["status"] == "fail"
+    assert f"{fakes.url}/v1/token" in creds["detail"]
+    assert "workload identity pool provider" in creds["fix"]
+
+
+def test_the_seed_ec2_scenario_passes_all_seven_checks(cred_emulator, fakes, tmp_path):
+    """EC2 role -> IMDSv2 -> STS -> impersonated service account -> PSC -> AUTO_IAM login."""
+    from .fakes import aws_external_account_info
+
+    (tmp_path / "wif.json").write_text(json.dumps(aws_external_account_info(fakes.url, SA_EMAIL)))
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n" + "\n".join(cred_emulator.hosts_entries()) + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALLOYDB_PROXY_", "PG"))}
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+         f'mount --bind "{hosts}" /etc/hosts && exec "$0" "$@"',
+         sys.executable, "-m", "proxy", "doctor", URI, "--credentials-file",
+         str(tmp_path / "wif.json"), "--auto-iam-authn", "--psc", "--db-user", IAM_DB_USER,
+         "--db-name", DB_NAME, "--format", "json",
+         "--alloydbadmin-api-endpoint", cred_emulator.admin_url],
+        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT,
+    )  # fmt: skip
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [c["status"] for c in report["checks"]] == ["pass"] * 7
+    checks = by_check(report)
+    assert f"principal {SA_EMAIL}" in checks["credentials"]["detail"]
+    assert "PSC" in checks["address"]["detail"] and "DNS SAN" in checks["tls"]["detail"]
+    for token in fakes.issued:
+        assert token not in proc.stdout + proc.stderr
