@@ -222,3 +222,28 @@ def test_the_seed_ec2_scenario_passes_all_seven_checks(cred_emulator, fakes, tmp
     assert "PSC" in checks["address"]["detail"] and "DNS SAN" in checks["tls"]["detail"]
     for token in fakes.issued:
         assert token not in proc.stdout + proc.stderr
+
+
+def test_an_unreachable_admin_api_names_the_endpoint_and_proxy_settings(emulator):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("ALLOYDB_PROXY_", "PG"))}
+    full_env["HTTPS_PROXY"] = "http://proxy.example:3128"
+    full_env["NO_PROXY"] = "127.0.0.1"
+    proc = subprocess.run(
+        [sys.executable, "-m", "proxy", "doctor", URI, "--token", TOKEN_APP, "--format", "json",
+         "--alloydbadmin-api-endpoint", "http://127.0.0.1:9/"],
+        capture_output=True, text=True, timeout=180, env=full_env, cwd=ROOT,
+    )  # fmt: skip
+    admin = by_check(json.loads(proc.stdout))["admin_api"]
+    assert proc.returncode == 1 and admin["status"] == "fail"
+    assert "http://127.0.0.1:9" in admin["fix"]
+    assert "HTTPS_PROXY=http://proxy.example:3128" in admin["fix"]
+
+
+def test_text_format_prints_no_secret(emulator):
+    code, text, proc = doctor(
+        emulator, URI, "--token", TOKEN_APP, "--db-user", DB_USER, "--db-name", DB_NAME,
+        fmt="text", env={"PGPASSWORD": DB_PASSWORD},
+    )  # fmt: skip
+    assert code == 0 and "ok    login" in text
+    assert TOKEN_APP not in text + proc.stderr and DB_PASSWORD not in text + proc.stderr
+    assert "\033[" not in text  # no colour when not on a terminal
