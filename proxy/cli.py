@@ -531,11 +531,13 @@ def _doctor(
     **opts: Any,
 ) -> None:
     try:
-        cfg, _warnings = config_from(ctx, instances, opts)
+        cfg, warnings = config_from(ctx, instances, opts)
     except BadCommandError as exc:
         fail(str(exc))
     from proxy import doctor
 
+    for warning in warnings:  # e.g. an ALLOYDB_PROXY_* value that is ignored
+        sys.stderr.write(warning + "\n")
     configure(structured=False, quiet=True, debug=False)  # the report is the output
     options = doctor.Options(db_user, db_name, os.environ.get("PGPASSWORD", ""))
     sys.exit(doctor.main(cfg, options, output_format))
@@ -553,9 +555,10 @@ def doctor_command() -> click.Command:
             help="text (a table) or json (one object).",
         ),
     ]
-    return click.Command(
+    return _CobraStyleCommand(
         "doctor",
         params=params,
+        context_settings={"help_option_names": ["-h", "--help"]},
         callback=click.pass_context(_doctor),
         help="Check each link from this host to an AlloyDB login, and say how to fix the first broken one.",
     )

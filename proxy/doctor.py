@@ -85,6 +85,8 @@ async def _credentials(cfg: Config, results: list[Check]) -> CredentialSet | Non
             )
         )
         await creds.api.token()
+        if any(cfg.auto_iam_for(i) for i in cfg.instances):
+            await creds.login.token()
     except ProxyError as exc:
         _record(results, "", "credentials", "fail", str(exc), _credentials_fix(str(exc)))
         return None
@@ -156,6 +158,8 @@ async def _instance(cfg: Config, inst: InstanceConfig, creds: CredentialSet | No
     from proxy.supervisor import user_agent
 
     client = AdminAPIClient(cfg.api_endpoint, creds.api, user_agent(cfg))
+    state: dict[str, Any] = {"cfg": cfg, "inst": inst, "creds": creds, "client": client,
+                             "options": options}  # fmt: skip
     try:
         steps = (
             ("admin_api", _admin_api),
@@ -165,8 +169,6 @@ async def _instance(cfg: Config, inst: InstanceConfig, creds: CredentialSet | No
             ("metadata_exchange", _metadata_exchange),
             ("login", _login),
         )
-        state: dict[str, Any] = {"cfg": cfg, "inst": inst, "creds": creds, "client": client,
-                                 "options": options}  # fmt: skip
         for check, step in steps:
             remaining.remove(check)
             try:
@@ -175,11 +177,16 @@ async def _instance(cfg: Config, inst: InstanceConfig, creds: CredentialSet | No
                 _record(results, name, check, "fail", exc.detail, exc.fix)
                 skip_rest(f"{check} failed")
                 return
+            except Exception as exc:  # anything unforeseen fails this check, not the report
+                _record(results, name, check, "fail", f"{type(exc).__name__}: {exc}")
+                skip_rest(f"{check} failed")
+                return
             _record(results, name, check, status, detail)
     finally:
-        conn = state.get("conn") if "state" in locals() else None
-        if conn is not None:
-            conn.close()
+        for key in ("conn", "sock"):
+            held = state.get(key)
+            if held is not None:
+                held.close()
         client.close()
 
 
@@ -191,12 +198,18 @@ async def _admin_api(state: dict[str, Any]) -> tuple[str, str]:
         if exc.status == 403:
             raise _Failed(str(exc), f"grant the principal {ROLES} on project "
                           f"{inst.uri.project!r}") from None  # fmt: skip
+        if exc.status == 401:
+            raise _Failed(str(exc), "the token was refused: it is invalid or expired. A --token "
+                          "is never refreshed: give a fresh one, or a credential source that "
+                          "refreshes (--credentials-file, --gcloud-auth, ADC)") from None  # fmt: skip
         if exc.status == 404:
             raise _Failed(str(exc), "the instance URI is wrong: check project, region, cluster "
                           "and instance names (gcloud alloydb instances list)") from None  # fmt: skip
         raise _Failed(str(exc)) from None
     except AdminAPIUnreachable as exc:
-        proxies = ", ".join(f"{v}={os.environ[v]}" for v in PROXY_VARIABLES if os.environ.get(v))
+        proxies = ", ".join(
+            f"{v}={_without_userinfo(os.environ[v])}" for v in PROXY_VARIABLES if os.environ.get(v)
+        )
         raise _Failed(
             str(exc),
             f"the Admin API at {cfg.api_endpoint} is not reachable from here"
@@ -240,27 +253,38 @@ async def _address(state: dict[str, Any]) -> tuple[str, str]:
 async def _network(state: dict[str, Any]) -> tuple[str, str]:
     address = state["address"]
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(address, PORT, type=socket.SOCK_STREAM)
-    family, kind, proto, _, sockaddr = infos[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setblocking(False)
     try:
-        await asyncio.wait_for(loop.sock_connect(sock, sockaddr), NETWORK_TIMEOUT)
-    except TimeoutError:
-        sock.close()
-        raise _Failed(f"TCP to {address}:{PORT} timed out after {NETWORK_TIMEOUT:g} s",
-                      "a firewall or the VPC routing drops the packets: allow egress to port "
-                      "5433 and check that this host's network reaches the instance's") from None  # fmt: skip
-    except ConnectionRefusedError:
-        sock.close()
-        raise _Failed(f"TCP to {address}:{PORT} was refused",
-                      "something answers at that address but nothing listens on 5433: is it "
-                      "the instance's address, and is the instance running?") from None  # fmt: skip
+        infos = await loop.getaddrinfo(address, PORT, type=socket.SOCK_STREAM)
     except OSError as exc:
-        sock.close()
-        raise _Failed(f"TCP to {address}:{PORT}: {exc.strerror or exc}") from None
-    state["sock"] = sock
-    return "pass", f"TCP to {address}:{PORT} connected"
+        raise _Failed(f"{address} does not resolve: {exc}",
+                      "check this host's DNS for the instance's name") from None  # fmt: skip
+    failure: _Failed | None = None
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        state["sock"] = sock  # closed by _instance whatever happens
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, sockaddr), NETWORK_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:  # (distinct on Python 3.10)
+            failure = _connect_failure(address, exc)
+            sock.close()
+            del state["sock"]
+            continue
+        return "pass", f"TCP to {address}:{PORT} connected"
+    raise failure or _Failed(f"{address}: no address to connect to")
+
+
+def _connect_failure(address: str, exc: Exception) -> _Failed:
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return _Failed(f"TCP to {address}:{PORT} timed out after {NETWORK_TIMEOUT:g} s",
+                      "a firewall or the VPC routing drops the packets: allow egress to port "
+                      "5433 and check that this host's network reaches the instance's")  # fmt: skip
+    if isinstance(exc, ConnectionRefusedError):
+        return _Failed(f"TCP to {address}:{PORT} was refused",
+                       "something answers at that address but nothing listens on 5433: is it "
+                       "the instance's address, and is the instance running?")  # fmt: skip
+    return _Failed(f"TCP to {address}:{PORT}: {getattr(exc, 'strerror', None) or exc}",
+                   "check the route from this host to the instance's network")  # fmt: skip
 
 
 async def _tls(state: dict[str, Any]) -> tuple[str, str]:
@@ -282,10 +306,15 @@ async def _tls(state: dict[str, Any]) -> tuple[str, str]:
     state["conn"] = conn
     try:
         await tlsconn.handshake(conn, timeout=NETWORK_TIMEOUT)
-    except (plane.TLSError, OSError, TimeoutError) as exc:
-        raise _Failed(f"TLS handshake: {exc}",
-                      "the server's certificate does not match the address dialled or the "
-                      "cluster's CA; with --psc, dial the PSC DNS name, not an IP") from None  # fmt: skip
+    except (plane.TLSError, OSError, TimeoutError, asyncio.TimeoutError) as exc:
+        if "certificate verify failed" in str(exc):
+            fix = ("the server's certificate does not match the address dialled or the "
+                   "cluster's CA; with --psc, dial the PSC DNS name, not an IP")  # fmt: skip
+        elif isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+            fix = "the server accepted TCP but did not answer TLS: is this an AlloyDB instance?"
+        else:
+            fix = "the server ended the handshake: is this an AlloyDB instance's port 5433?"
+        raise _Failed(f"TLS handshake: {exc or type(exc).__name__}", fix) from None
     peer = x509.load_der_x509_certificate(conn.peer_certificate_der)
     expires = peer.not_valid_after_utc
     left = expires - dt.datetime.now(dt.timezone.utc)
@@ -313,16 +342,21 @@ async def _metadata_exchange(state: dict[str, Any]) -> tuple[str, str]:
         header = await tlsconn.recv_exactly(conn, mdx.HEADER_SIZE, timeout=NETWORK_TIMEOUT)
         size = mdx.body_length(header)
         body = await tlsconn.recv_exactly(conn, size, timeout=NETWORK_TIMEOUT) if size else b""
-    except (plane.TLSError, ConnectionError, TimeoutError) as exc:
+        response = mdx.decode_response(body)
+    except (TimeoutError, asyncio.TimeoutError):
+        raise _Failed(f"no answer to the metadata exchange in {NETWORK_TIMEOUT:g} s",
+                      "the instance is overloaded or restarting: try again") from None  # fmt: skip
+    except (plane.TLSError, ConnectionError) as exc:
         raise _Failed(f"the server ended the exchange: {exc}",
-                      "the server refused our client certificate: is the cluster's CA the one "
-                      "the Admin API returned?") from None  # fmt: skip
-    response = mdx.decode_response(body)
+                      "under TLS 1.3 a refused client certificate shows only here; else the "
+                      "instance closed the connection (restarting?)") from None  # fmt: skip
+    except mdx.MdxDecodeError as exc:
+        raise _Failed(f"the server's answer is not a metadata exchange reply: {exc}",
+                      "is this an AlloyDB instance's port 5433?") from None  # fmt: skip
     if not response.ok:
-        fix = ""
+        fix = f"the principal needs {ROLES}"
         if auto_iam:
-            fix = ("the login token needs the alloydb.login scope and the principal "
-                   "roles/alloydb.client")  # fmt: skip
+            fix += "; for AUTO_IAM the login token needs the alloydb.login scope"
         raise _Failed(f"server says: {response.error or 'metadata exchange failed'}", fix)
     mode = "AUTO_IAM" if auto_iam else "DB_NATIVE"
     return "pass", f"OK ({mode})"
@@ -362,6 +396,9 @@ async def _pg_login(conn: Any, user: str, dbname: str, password: str, auto_iam: 
         if kind == b"R":
             (code,) = struct.unpack("!I", body[:4])
             if code == 0:
+                if scram is not None and not scram.verified:
+                    raise _Failed("the server accepted the login without proving it knows the "
+                                  "password (SCRAM): not the expected server")  # fmt: skip
                 continue
             if not password:
                 raise _Failed(f"the server asks {user!r} for a password",
@@ -373,6 +410,9 @@ async def _pg_login(conn: Any, user: str, dbname: str, password: str, auto_iam: 
                 digest = hashlib.md5(inner + body[4:8]).hexdigest()
                 await _send_password(conn, b"md5" + digest.encode() + b"\0")
             elif code == 10:
+                mechanisms = body[4:].split(b"\0")
+                if b"SCRAM-SHA-256" not in mechanisms:
+                    raise _Failed(f"the server offers only {mechanisms!r} (SASL)")
                 scram = _Scram(password)
                 first = scram.first()
                 mech = b"SCRAM-SHA-256\0"
@@ -381,8 +421,8 @@ async def _pg_login(conn: Any, user: str, dbname: str, password: str, auto_iam: 
             elif code == 11 and scram is not None:
                 final = scram.final(body[4:])
                 await _send(conn, b"p" + struct.pack("!I", 4 + len(final)) + final)
-            elif code == 12:
-                pass
+            elif code == 12 and scram is not None:
+                scram.verify(body[4:])
             else:
                 raise _Failed(f"unsupported authentication request {code}")
         elif kind == b"Z":
@@ -394,7 +434,7 @@ async def _pg_login(conn: Any, user: str, dbname: str, password: str, auto_iam: 
         kind, body = await _message(conn)
         if kind == b"D":
             (length,) = struct.unpack("!i", body[2:6])
-            current = body[6 : 6 + length].decode()
+            current = body[6 : 6 + length].decode("utf-8", "replace")
         elif kind == b"E":
             raise _Failed(*_login_error(_error_fields(body), user, auto_iam))
         elif kind == b"Z":
@@ -413,6 +453,8 @@ async def _send(conn: Any, data: bytes) -> None:
 async def _message(conn: Any) -> tuple[bytes, bytes]:
     head = await tlsconn.recv_exactly(conn, 5, timeout=NETWORK_TIMEOUT)
     (length,) = struct.unpack("!I", head[1:])
+    if not 4 <= length <= 1 << 20:
+        raise _Failed(f"the server sent a message of length {length}: not PostgreSQL")
     body = await tlsconn.recv_exactly(conn, length - 4, timeout=NETWORK_TIMEOUT)
     return head[:1], body
 
@@ -429,11 +471,21 @@ def _login_error(fields: dict[str, str], user: str, auto_iam: bool) -> tuple[str
     message = fields.get("M", "login failed")
     code = fields.get("C", "")
     unknown_role = code == "28000" and "role" in message and "does not exist" in message
-    # Under AUTO_IAM the server answers an IAM user it does not know with an
-    # authentication failure: the user is missing, not a password.
-    if unknown_role or (auto_iam and code in ("28P01", "28000")):
-        return message, (f'create the database user: gcloud alloydb users create "{user}" '
-                         "--cluster=… --region=… --type=IAM_BASED (or CREATE USER in SQL)")  # fmt: skip
+    iam_user = "@" in user
+    # Under AUTO_IAM the server answers an IAM user it does not know with a
+    # password-authentication failure: the user is missing, not a password.
+    auth_failed = "authentication failed" in message  # AlloyDB: "IAM authentication failed"
+    if iam_user and (unknown_role or (auto_iam and auth_failed)):
+        return message, (f'create the IAM database user if it does not exist: gcloud alloydb '
+                         f'users create "{user}" --cluster=… --region=… --type=IAM_BASED; '
+                         "it must be named after the principal whose token is used")  # fmt: skip
+    if unknown_role:
+        return (
+            message,
+            f'create the database user "{user}" (CREATE USER, or gcloud alloydb users create)',
+        )
+    if "pg_hba" in message:
+        return message, "the server does not accept this user from here (its pg_hba rules)"
     if code in ("28P01", "28000"):
         return message, "check the user name and PGPASSWORD, or use --auto-iam-authn for IAM users"
     return message, ""
@@ -446,12 +498,16 @@ class _Scram:
         self.password = password.encode()
         self.nonce = b64encode(secrets.token_bytes(18)).decode()
         self.first_bare = f"n=,r={self.nonce}"
+        self.expected = ""
+        self.verified = False
 
     def first(self) -> bytes:
         return ("n,," + self.first_bare).encode()
 
     def final(self, server_first: bytes) -> bytes:
-        attrs = dict(part.split("=", 1) for part in server_first.decode().split(","))
+        attrs = _scram_attrs(server_first)
+        if not {"r", "s", "i"} <= set(attrs) or not attrs["i"].isdigit():
+            raise _Failed("the server's SCRAM message is malformed")
         if not attrs["r"].startswith(self.nonce):
             raise _Failed("the server's SCRAM nonce does not extend ours")
         salted = hashlib.pbkdf2_hmac(
@@ -463,7 +519,29 @@ class _Scram:
         message = f"{self.first_bare},{server_first.decode()},{without_proof}".encode()
         signature = hmac.new(stored, message, hashlib.sha256).digest()
         proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+        self.expected = b64encode(hmac.new(server_key, message, hashlib.sha256).digest()).decode()
         return f"{without_proof},p={b64encode(proof).decode()}".encode()
+
+    def verify(self, server_final: bytes) -> None:
+        attrs = _scram_attrs(server_final)
+        if not hmac.compare_digest(attrs.get("v", ""), self.expected):
+            raise _Failed("the server's SCRAM signature is wrong: not the expected server")
+        self.verified = True
+
+
+def _without_userinfo(url: str) -> str:
+    """A proxy URL without its user:password@ (never printed)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    host = rest.rsplit("@", 1)[1] if "@" in rest.split("/", 1)[0] else rest
+    return f"{scheme}{sep}{host}"
+
+
+def _scram_attrs(message: bytes) -> dict[str, str]:
+    text = message.decode("utf-8", "replace")
+    return dict(part.split("=", 1) for part in text.split(",") if "=" in part)
 
 
 def _is_ip(name: str) -> bool:

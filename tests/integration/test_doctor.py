@@ -111,7 +111,7 @@ def test_an_unknown_iam_user_gets_the_create_user_hint(emulator):
     )  # fmt: skip
     login = by_check(report)["login"]
     assert code == 1 and login["status"] == "fail", report
-    assert "gcloud alloydb users create" in login["fix"]
+    assert "gcloud alloydb users create" in login["fix"], login
 
 
 def test_no_credentials_fail_first_and_skip_the_rest(emulator, tmp_path):
@@ -226,7 +226,7 @@ def test_the_seed_ec2_scenario_passes_all_seven_checks(cred_emulator, fakes, tmp
 
 def test_an_unreachable_admin_api_names_the_endpoint_and_proxy_settings(emulator):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("ALLOYDB_PROXY_", "PG"))}
-    full_env["HTTPS_PROXY"] = "http://proxy.example:3128"
+    full_env["HTTPS_PROXY"] = "http://alice:s3cret-pw@proxy.example:3128"
     full_env["NO_PROXY"] = "127.0.0.1"
     proc = subprocess.run(
         [sys.executable, "-m", "proxy", "doctor", URI, "--token", TOKEN_APP, "--format", "json",
@@ -237,6 +237,7 @@ def test_an_unreachable_admin_api_names_the_endpoint_and_proxy_settings(emulator
     assert proc.returncode == 1 and admin["status"] == "fail"
     assert "http://127.0.0.1:9" in admin["fix"]
     assert "HTTPS_PROXY=http://proxy.example:3128" in admin["fix"]
+    assert "s3cret-pw" not in proc.stdout + proc.stderr  # a proxy password is never printed
 
 
 def test_text_format_prints_no_secret(emulator):
@@ -247,3 +248,43 @@ def test_text_format_prints_no_secret(emulator):
     assert code == 0 and "ok    login" in text
     assert TOKEN_APP not in text + proc.stderr and DB_PASSWORD not in text + proc.stderr
     assert "\033[" not in text  # no colour when not on a terminal
+
+
+def test_a_refused_token_gets_the_401_fix(emulator):
+    code, report, proc = doctor(emulator, URI, "--token", "expired-or-bogus")
+    admin = by_check(report)["admin_api"]
+    assert code == 1 and admin["status"] == "fail" and "401" in admin["detail"], report
+    assert "invalid or expired" in admin["fix"]
+    assert "expired-or-bogus" not in proc.stdout + proc.stderr
+
+
+def test_a_server_closing_during_the_exchange_is_not_blamed_on_the_san(emulator):
+    emulator.faults.set(close_during_mdx=True)
+    code, report, _ = doctor(emulator, URI, "--token", TOKEN_APP)
+    mdx = by_check(report)["metadata_exchange"]
+    assert code == 1 and mdx["status"] == "fail"
+    assert "refused client certificate" in mdx["fix"] and "SAN" not in mdx["fix"]
+
+
+def test_an_ignored_environment_value_is_reported(emulator):
+    code, report, proc = doctor(emulator, URI, "--token", TOKEN_APP,
+                                env={"ALLOYDB_PROXY_PSC": "yess"})  # fmt: skip
+    assert code == 0 and "ALLOYDB_PROXY_PSC" in proc.stderr
+
+
+def test_an_unknown_flag_is_a_bad_command(emulator):
+    code, _, proc = doctor(emulator, URI, "--token", TOKEN_APP, "--no-such-flag", fmt="text")
+    assert code == 1 and "unknown flag: --no-such-flag" in proc.stderr
+
+
+def test_scram_refuses_a_server_that_cannot_prove_the_password():
+    from proxy.doctor import _Failed, _Scram
+
+    scram = _Scram("pw")
+    nonce = scram.nonce + "server"
+    scram.final(f"r={nonce},s=c2FsdA==,i=4096".encode())
+    with pytest.raises(_Failed, match="signature is wrong"):
+        scram.verify(b"v=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+    assert not scram.verified
+    scram.verify(f"v={scram.expected}".encode())
+    assert scram.verified
