@@ -288,3 +288,19 @@ def test_scram_refuses_a_server_that_cannot_prove_the_password():
     assert not scram.verified
     scram.verify(f"v={scram.expected}".encode())
     assert scram.verified
+
+
+def test_ctrl_c_exits_130_like_the_command(emulator):
+    import signal
+    import time
+
+    emulator.faults.set(admin_latency=30)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALLOYDB_PROXY_", "PG"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "doctor", URI, "--token", TOKEN_APP,
+         "--alloydbadmin-api-endpoint", emulator.admin_url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT,
+    )  # fmt: skip
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(20) == 130
