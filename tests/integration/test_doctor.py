@@ -24,16 +24,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def doctor(emulator, *args: str, fmt: str = "json", env: dict[str, str] | None = None):
+    """Run doctor; for JSON, run it in text too and hold the two to the same verdict,
+    failing checks and fixes."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("ALLOYDB_PROXY_", "PG"))}
     full_env.update(env or {})
-    proc = subprocess.run(
-        [sys.executable, "-m", "proxy", "doctor", *args, "--format", fmt,
-         "--alloydbadmin-api-endpoint", emulator.admin_url],
-        capture_output=True, text=True, timeout=120, env=full_env, cwd=ROOT,
-    )  # fmt: skip
-    if fmt == "json":
-        return proc.returncode, json.loads(proc.stdout), proc
-    return proc.returncode, proc.stdout, proc
+
+    def run(output: str):
+        return subprocess.run(
+            [sys.executable, "-m", "proxy", "doctor", *args, "--format", output,
+             "--alloydbadmin-api-endpoint", emulator.admin_url],
+            capture_output=True, text=True, timeout=120, env=full_env, cwd=ROOT,
+        )  # fmt: skip
+
+    proc = run(fmt)
+    if fmt != "json":
+        return proc.returncode, proc.stdout, proc
+    report = json.loads(proc.stdout)
+    text = run("text")
+    assert text.returncode == proc.returncode
+    for check in report["checks"]:
+        if check["status"] == "fail":
+            assert f"FAIL  {check['check']}" in text.stdout
+            assert f"fix: {check['fix']}" in text.stdout or not check["fix"]
+    return proc.returncode, report, proc
 
 
 def by_check(report) -> dict[str, dict]:
