@@ -76,5 +76,9 @@ __all__ = ["KNOB", "NAME", "DataPlaneError", "check", "describe", "plane"]
 
 if TYPE_CHECKING:
     from proxy import _splice as plane
+elif _module is not None:
+    plane = _module
 else:
-    plane = _module if _module is not None else ModuleType("unavailable data plane")
+    # Only so that modules naming plane's constants import; nothing is dialled
+    # or spliced, because start-up calls check() first and fails there.
+    from proxy import portable as plane

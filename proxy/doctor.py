@@ -586,7 +586,12 @@ def exit_code(results: list[Check]) -> int:
 
 
 def main(cfg: Config, options: Options, fmt: str) -> int:
+    from proxy import dataplane
     from proxy.eventloop import run_until_complete
+
+    if dataplane.ERROR:
+        print(f"Error: {dataplane.ERROR}", file=sys.stderr)
+        return 1
 
     results = run_until_complete(lambda: diagnose(cfg, options))
     if fmt == "json":

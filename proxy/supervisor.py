@@ -19,7 +19,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from proxy import __version__, sdnotify, staticinfo, workers
+from proxy import __version__, dataplane, sdnotify, staticinfo, workers
 from proxy.adminapi import AdminAPIClient
 from proxy.config import Config
 from proxy.credentials import resolve
@@ -288,6 +288,7 @@ async def open_proxy(
     dialer and the listeners, in the Go proxy's order: the command's start-up
     and ``proxy.Proxy``'s. Not accepting yet. ``error_prefix`` goes before a
     credential or static-info error (the command's "unable to start: ")."""
+    dataplane.check()  # e.g. ALLOYDB_AUTH_PROXY_DATA_PLANE=native where it is not installed
     try:
         credentials = await workers.TOKENS.run(
             lambda: resolve(

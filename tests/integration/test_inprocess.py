@@ -378,3 +378,22 @@ def test_copy_of_200_mb_through_psycopg_arrives_whole(emulator):
         ).fetchone()
     assert count == rows
     assert server_digest == digest.hexdigest()
+
+
+def test_a_data_plane_that_cannot_run_is_a_start_up_error():
+    """ALLOYDB_AUTH_PROXY_DATA_PLANE is read once per process: a child with a bad value."""
+    code = (
+        "import proxy\n"
+        "p = proxy.Proxy('projects/p/locations/r/clusters/c/instances/i', token='t',\n"
+        "                alloydbadmin_api_endpoint='http://127.0.0.1:9')\n"
+        "try:\n"
+        "    p.start()\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "ALLOYDB_AUTH_PROXY_DATA_PLANE": "bogus"},
+        capture_output=True, text=True, timeout=60,
+    ).stdout  # fmt: skip
+    assert out.startswith("DataPlaneError ALLOYDB_AUTH_PROXY_DATA_PLANE='bogus'"), out
