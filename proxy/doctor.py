@@ -25,7 +25,7 @@ from typing import Any
 from proxy import mdx, tlsconn, workers
 from proxy.adminapi import AdminAPIClient, InstanceAddresses
 from proxy.config import IP_PSC, IP_PUBLIC, Config, InstanceConfig
-from proxy.credentials import CredentialSet, resolve
+from proxy.credentials import CredentialSet
 from proxy.dataplane import plane
 from proxy.errors import AdminAPIError, AdminAPIUnreachable, ProxyError
 
@@ -72,18 +72,10 @@ def _record(results: list[Check], instance: str, check: str, status: str, detail
 
 
 async def _credentials(cfg: Config, results: list[Check]) -> CredentialSet | None:
+    from proxy.supervisor import resolve_credentials
+
     try:
-        creds = await workers.TOKENS.run(
-            lambda: resolve(
-                token=cfg.token,
-                credentials_file=cfg.credentials_file,
-                json_credentials=cfg.json_credentials,
-                gcloud_auth=cfg.gcloud_auth,
-                impersonate=cfg.impersonate_service_account,
-                login_token=cfg.login_token,
-                auto_iam=any(cfg.auto_iam_for(i) for i in cfg.instances),
-            )
-        )
+        creds = await workers.TOKENS.run(lambda: resolve_credentials(cfg))
         await creds.api.token()
         if any(cfg.auto_iam_for(i) for i in cfg.instances):
             await creds.login.token()

@@ -538,9 +538,8 @@ class Splice:
             return True
         if not n:
             self.client_eof = True
-            if not self.server_eof:
+            if not self.server_eof:  # (once it has ended, its tail is flushed: no half-close)
                 self.client_first = True
-            if not self.server_eof:
                 self._send_shutdown()
             return True
         self.bytes_client_to_server += n

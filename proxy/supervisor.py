@@ -22,7 +22,7 @@ from typing import TypeVar
 from proxy import __version__, dataplane, sdnotify, staticinfo, workers
 from proxy.adminapi import AdminAPIClient
 from proxy.config import Config
-from proxy.credentials import resolve
+from proxy.credentials import CredentialSet, resolve
 from proxy.dialer import Dialer
 from proxy.errors import ProxyError, StartupError
 from proxy.health import (
@@ -276,6 +276,19 @@ class Supervisor:
         )
 
 
+def resolve_credentials(cfg: Config) -> CredentialSet:
+    """The credential source the flags pick, in the Go proxy's order (blocking)."""
+    return resolve(
+        token=cfg.token,
+        credentials_file=cfg.credentials_file,
+        json_credentials=cfg.json_credentials,
+        gcloud_auth=cfg.gcloud_auth,
+        impersonate=cfg.impersonate_service_account,
+        login_token=cfg.login_token,
+        auto_iam=any(cfg.auto_iam_for(i) for i in cfg.instances),
+    )
+
+
 async def open_proxy(
     cfg: Config,
     log: Logger,
@@ -290,17 +303,7 @@ async def open_proxy(
     credential or static-info error (the command's "unable to start: ")."""
     dataplane.check()  # e.g. ALLOYDB_AUTH_PROXY_DATA_PLANE=native where it is not installed
     try:
-        credentials = await workers.TOKENS.run(
-            lambda: resolve(
-                token=cfg.token,
-                credentials_file=cfg.credentials_file,
-                json_credentials=cfg.json_credentials,
-                gcloud_auth=cfg.gcloud_auth,
-                impersonate=cfg.impersonate_service_account,
-                login_token=cfg.login_token,
-                auto_iam=any(cfg.auto_iam_for(i) for i in cfg.instances),
-            ),
-        )
+        credentials = await workers.TOKENS.run(lambda: resolve_credentials(cfg))
         static = None
         if cfg.static_connection_info:
             try:

@@ -9,6 +9,8 @@ import urllib.request
 
 import pytest
 
+from proxy.emulator import Emulator
+
 from ..conftest import (  # noqa: F401  (re-exported for the test modules)
     DB_NAME,
     DB_PASSWORD,
@@ -21,7 +23,7 @@ from ..conftest import (  # noqa: F401  (re-exported for the test modules)
     TOKEN_IAM,
     URI,
 )
-from .fakes import IdentityFakes
+from .fakes import IdentityFakes, TokensByPrefix
 from .proxyproc import ProxyProcess, free_port_block
 
 
@@ -60,6 +62,16 @@ def fakes():
     fake = IdentityFakes()
     yield fake
     fake.close()
+
+
+@pytest.fixture
+def cred_emulator(pg, fakes):
+    """An emulator that knows every token the fakes issue, with its scope and expiry."""
+    emu = Emulator(postgres_host=pg.host, postgres_port=pg.port, tokens=TokensByPrefix(fakes))
+    emu.add_instance(URI, psc=True)
+    emu.start()
+    yield emu
+    emu.stop()
 
 
 @pytest.fixture

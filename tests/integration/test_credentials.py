@@ -11,22 +11,12 @@ import time
 import pytest
 
 from proxy.credentials import parse_impersonation_chain
-from proxy.emulator import Emulator, Principal
+from proxy.emulator import Principal
 from proxy.mdx import AUTO_IAM
 
 from .conftest import DB_NAME, IAM_DB_USER, SA_EMAIL, URI, psql
-from .fakes import ConnectProxy, TokensByPrefix, aws_external_account_info, service_account_info
+from .fakes import ConnectProxy, aws_external_account_info, service_account_info
 from .proxyproc import ProxyProcess, free_port_block
-
-
-@pytest.fixture
-def cred_emulator(pg, fakes):
-    """Knows every token the fakes issue, with its scope and expiry."""
-    emu = Emulator(postgres_host=pg.host, postgres_port=pg.port, tokens=TokensByPrefix(fakes))
-    emu.add_instance(URI, psc=True)
-    emu.start()
-    yield emu
-    emu.stop()
 
 
 @pytest.fixture

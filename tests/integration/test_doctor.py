@@ -171,19 +171,6 @@ def test_the_servers_metadata_exchange_error_is_shown(emulator):
 # ---------------------------------------------------------------- credentials
 
 
-@pytest.fixture
-def cred_emulator(pg, fakes):
-    from proxy.emulator import Emulator
-
-    from .fakes import TokensByPrefix
-
-    emu = Emulator(postgres_host=pg.host, postgres_port=pg.port, tokens=TokensByPrefix(fakes))
-    emu.add_instance(URI, psc=True)
-    emu.start()
-    yield emu
-    emu.stop()
-
-
 def test_imds_without_a_session_token_gets_the_imdsv2_fix(cred_emulator, fakes, tmp_path):
     from .fakes import aws_external_account_info
 
