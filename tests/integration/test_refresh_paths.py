@@ -14,7 +14,6 @@ import time
 from .conftest import URI, psql
 from .fakes import service_account_info
 from .test_credentials import (  # noqa: F401 (the credential tests' fixtures)
-    cred_emulator,
     home,
     run_proxy,
     tokens_seen,
