@@ -1,4 +1,13 @@
-# The hot path's design, in declarations.
+# The hot path's map: one extension, proxy._splice, built from _splice.pyx and
+# the parts it includes, in this order (each part owns one job):
+#
+#   _decls.pxi   C declarations only: libc, Linux (epoll, eventfd, pthread)
+#                and OpenSSL.
+#   _splice.pyx  the module: outcome constants, counters (stats()), error
+#                text helpers, and the includes below.
+#   _tls.pxi     TLSClientContext and TLSConnection (Python-facing TLS).
+#   _bio.pxi     the BIO through which a spliced SSL* talks to the instance.
+#   _plane.pxi   the data plane: threads, epoll loop, Splice.
 #
 # TLSClientContext  one SSL_CTX per certificate refresh: TLS 1.3 only, the
 #                   instance's CA as the only trust anchor, our client chain.
