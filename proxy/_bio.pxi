@@ -43,16 +43,17 @@ cdef int _bio_read(BIO *b, char *buf, int size) noexcept nogil:
 cdef int _bio_write(BIO *b, const char *data, int size) noexcept nogil:
     # Always accepted: the caller flushes after each SSL_* call, and keeps
     # what the socket refuses as the connection's pending ciphertext.
-    cdef size_t need = _plane.out_len + size
+    cdef plane_t *p = (<conn_t *>BIO_get_data(b)).plane
+    cdef size_t need = p.out_len + size
     cdef char *grown
-    if need > _plane.out_cap:
-        grown = <char *>realloc(_plane.out, need)
+    if need > p.out_cap:
+        grown = <char *>realloc(p.out, need)
         if grown == NULL:
             return -1
-        _plane.out = grown
-        _plane.out_cap = need
-    memcpy(_plane.out + _plane.out_len, data, size)
-    _plane.out_len += size
+        p.out = grown
+        p.out_cap = need
+    memcpy(p.out + p.out_len, data, size)
+    p.out_len += size
     return size
 
 

@@ -131,10 +131,9 @@ cdef extern from "sys/eventfd.h" nogil:
 
 cdef extern from "pthread.h" nogil:
     ctypedef unsigned long pthread_t
-    ctypedef struct pthread_mutex_t:
-        pass
     int pthread_create(pthread_t *thread, void *attr, void *(*start)(void *) noexcept nogil, void *arg)
     int pthread_detach(pthread_t thread)
+    int pthread_setname_np(pthread_t thread, const char *name)
     int pthread_mutex_init(pthread_mutex_t *m, void *attr)
     int pthread_mutex_lock(pthread_mutex_t *m)
     int pthread_mutex_unlock(pthread_mutex_t *m)

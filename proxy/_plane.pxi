@@ -1,17 +1,25 @@
 # ---------------------------------------------------------------------------
-# The data plane: one native thread that splices every connection.
-# (Included by _splice.pyx; _splice.pxd declares conn_t and Splice.)
+# The data plane: native threads that splice the connections.
+# (Included by _splice.pyx; _splice.pxd declares plane_t, conn_t and Splice.)
 #
 # Theory of operation
 #
+# There are set_threads() planes (default: one per usable CPU, at most 16),
+# each a thread with its own epoll, wake-up eventfd, scratch buffers and
+# linger list. Python gives a new connection to the plane with the fewest
+# connections (Splice.start, under the GIL), which starts its thread on first
+# use; the connection stays on that plane until it ends, so its bytes never
+# cross threads and nothing on the per-byte path is locked or shared.
+#
 # Python hands over an established connection (client fd, SSL*, instance fd)
-# through a start queue and gets it back once, finished, through a completion
-# queue and an eventfd that the event loop watches. In between, no Python
-# code and no GIL are involved: the thread registers both fds in epoll
-# (edge-triggered, once, never modified), remembers which fds are readable or
-# writable, and only calls read/write/SSL_* where that can make progress.
-# Every conn_t field is the thread's alone from the start queue to the
-# completion queue, except the abort fields, which are shared under the lock.
+# through the plane's start queue and gets it back once, finished, through
+# the process-wide completion queue and an eventfd that the event loop
+# watches. In between, no Python code and no GIL are involved: the thread
+# registers both fds in its epoll (edge-triggered, once, never modified),
+# remembers which fds are readable or writable, and only calls
+# read/write/SSL_* where that can make progress. Every conn_t field is its
+# thread's alone from the start queue to the completion queue, except the
+# abort fields, which are shared under the plane's lock.
 #
 # Bytes move through one per-thread scratch buffer per direction. A
 # connection owns heap memory only while a peer is not keeping up: `cpend`
@@ -70,26 +78,27 @@ DEF SIDE_WAKE = 2
 MAX_LINGER = 1e7
 
 
-ctypedef struct plane_t:
-    int epfd
-    int wake_fd                  # Python -> thread (starts, aborts)
-    int done_fd                  # thread -> Python (completions)
-    int pid                      # the process that made these fds
-    bint running
+# Threads: the default is one per usable CPU, at most DEFAULT_THREADS_CAP;
+# set_threads() accepts up to MAX_PLANES.
+DEF MAX_PLANES = 64
+MAX_THREADS = MAX_PLANES
+DEFAULT_THREADS_CAP = 16
+
+
+# Finished connections of every thread, delivered to Python in order through
+# one eventfd (a lock taken once per finished batch, never per byte).
+ctypedef struct completions_t:
+    int done_fd                  # thread -> Python
+    int pid                      # the process that made done_fd
     pthread_mutex_t lock
-    conn_t *starts               # under lock
-    conn_t *aborts               # under lock
-    conn_t *done_head            # under lock, delivered in order
-    conn_t *done_tail
-    conn_t *lingering            # thread only
-    char *scratch_in
-    char *scratch_out
-    char *out                    # ciphertext of the current SSL_* call (_bio_write)
-    size_t out_len, out_cap
+    conn_t *head                 # under lock
+    conn_t *tail
 
 
-cdef plane_t _plane
-_plane.epfd = -1
+cdef plane_t _planes[MAX_PLANES]
+cdef int _plane_count = 0        # threads new connections are spread over
+cdef completions_t _done
+_done.done_fd = -1
 cdef object _drain_loop = None   # the loop that reads done_fd
 
 
@@ -129,22 +138,22 @@ cdef void _close_instance(conn_t *c) noexcept nogil:
     """Free the SSL* and close the instance socket (once; sfd is -1 after)."""
     if c.sfd < 0:
         return
-    if _plane.out_len:
+    if c.plane.out_len:
         # A failed SSL_* call leaves its fatal alert in the shared out buffer.
         # It is this instance's (best effort, only if it keeps the stream in
         # order) and never the next connection's.
         if c.cpend == NULL and not c.s_dead:
-            send(c.sfd, _plane.out, _plane.out_len, MSG_NOSIGNAL | MSG_DONTWAIT)
-        _plane.out_len = 0
+            send(c.sfd, c.plane.out, c.plane.out_len, MSG_NOSIGNAL | MSG_DONTWAIT)
+        c.plane.out_len = 0
     # Before close(): a copy of the fd (a fork between fork and exec) would
     # keep the registration, and its events would name a freed conn_t.
     if c.registered:
-        epoll_ctl(_plane.epfd, EPOLL_CTL_DEL, c.sfd, NULL)
+        epoll_ctl(c.plane.epfd, EPOLL_CTL_DEL, c.sfd, NULL)
     SSL_free(c.ssl)
     c.ssl = NULL
     close(c.sfd)
     c.sfd = -1
-    if c.cpend == _plane.out:
+    if c.cpend == c.plane.out:
         c.cpend = NULL  # borrowed, never ours to free
     free(c.cpend)
     c.cpend = NULL
@@ -161,7 +170,7 @@ cdef void _finish(conn_t *c, int kind) noexcept nogil:
     c.kind = kind
     _close_instance(c)
     if c.registered:
-        epoll_ctl(_plane.epfd, EPOLL_CTL_DEL, c.cfd, NULL)
+        epoll_ctl(c.plane.epfd, EPOLL_CTL_DEL, c.cfd, NULL)
         c.registered = False
     if c.draining or kind == C_INSTANCE_CLOSED or kind == C_CLIENT_CLOSED or c.server_eof:
         # Half-close first and drop unread client input, so closing does not
@@ -187,7 +196,7 @@ cdef bint _client_unacked(conn_t *c) noexcept nogil:
 
 cdef bint _client_is_sending(conn_t *c) noexcept nogil:
     """Whether client bytes wait unread (they are dropped: the instance has gone)."""
-    cdef ssize_t n = read(c.cfd, _plane.scratch_in, SCRATCH)
+    cdef ssize_t n = read(c.cfd, c.plane.scratch_in, SCRATCH)
     if n == 0:
         c.client_eof = True
     return n > 0
@@ -217,7 +226,7 @@ cdef int _drain_client(conn_t *c) noexcept nogil:
     cdef ssize_t n
     if not c.c_readable:
         return 0
-    n = read(c.cfd, _plane.scratch_in, SCRATCH)
+    n = read(c.cfd, c.plane.scratch_in, SCRATCH)
     if n > 0:
         return 1
     if n < 0 and _transient(errno):
@@ -240,17 +249,17 @@ cdef void _linger_at(conn_t *c, long long deadline) noexcept nogil:
     if listed:
         return
     c.linger_prev = NULL
-    c.linger_next = _plane.lingering
-    if _plane.lingering != NULL:
-        _plane.lingering.linger_prev = c
-    _plane.lingering = c
+    c.linger_next = c.plane.lingering
+    if c.plane.lingering != NULL:
+        c.plane.lingering.linger_prev = c
+    c.plane.lingering = c
 
 
 cdef void _linger_remove(conn_t *c) noexcept nogil:
     if c.linger_prev != NULL:
         c.linger_prev.linger_next = c.linger_next
     else:
-        _plane.lingering = c.linger_next
+        c.plane.lingering = c.linger_next
     if c.linger_next != NULL:
         c.linger_next.linger_prev = c.linger_prev
     c.linger_deadline = 0
@@ -276,7 +285,7 @@ cdef void _instance_write_failed(conn_t *c, int err, int saved_errno) noexcept n
     (INSTANCE_CLOSED, as it meant to close) or with the read error, reported
     as this write error, which came first.
     """
-    if c.cpend == _plane.out:
+    if c.cpend == c.plane.out:
         c.cpend = NULL  # borrowed (see _send_pending), not ours to free
     if not c.server_eof and not c.write_failed:
         c.write_failed = True
@@ -289,7 +298,7 @@ cdef void _instance_write_failed(conn_t *c, int err, int saved_errno) noexcept n
     c.cpend = NULL
     c.cpend_len = c.cpend_off = 0
     c.shut_wr_pending = False
-    _plane.out_len = 0
+    c.plane.out_len = 0
     ERR_clear_error()
 
 
@@ -299,7 +308,7 @@ cdef int _send_pending(conn_t *c) noexcept nogil:
     c.cpend may borrow the thread's out buffer (see _flush); only bytes the
     socket refuses are then copied to the connection's own heap block.
     """
-    cdef bint borrowed = c.cpend == _plane.out
+    cdef bint borrowed = c.cpend == c.plane.out
     cdef ssize_t n
     cdef int left
     cdef char *rest
@@ -338,22 +347,22 @@ cdef int _flush(conn_t *c) noexcept nogil:
 
     0 or 1 as _send_pending, -1 when finished.
     """
-    cdef size_t n = _plane.out_len
+    cdef size_t n = c.plane.out_len
     cdef char *grown
     if n == 0:
         return 0
-    _plane.out_len = 0
+    c.plane.out_len = 0
     if c.s_dead:
         return 0
     if c.cpend == NULL:
-        c.cpend, c.cpend_len, c.cpend_off = _plane.out, <int>n, 0
+        c.cpend, c.cpend_len, c.cpend_off = c.plane.out, <int>n, 0
         return _send_pending(c)
     grown = <char *>realloc(c.cpend, c.cpend_len + n)
     if grown == NULL:
         strncpy(c.message, "out of memory", MESSAGE)
         _finish(c, C_ABORTED)
         return -1
-    memcpy(grown + c.cpend_len, _plane.out, n)
+    memcpy(grown + c.cpend_len, c.plane.out, n)
     c.cpend = grown
     c.cpend_len += <int>n
     return 0
@@ -363,7 +372,6 @@ cdef int _flush(conn_t *c) noexcept nogil:
 
 cdef int _to_client(conn_t *c, const char *data, int n) noexcept nogil:
     """Send up to n bytes to the client: how many went, or -1 when finished."""
-    global _bytes_s2c
     cdef int off = 0
     cdef ssize_t ret
     while off < n:
@@ -371,7 +379,7 @@ cdef int _to_client(conn_t *c, const char *data, int n) noexcept nogil:
         if ret > 0:
             off += <int>ret
             c.bytes_s2c += ret
-            _bytes_s2c += ret
+            c.plane.bytes_s2c += ret
             continue
         if ret < 0 and _transient(errno):
             c.c_writable = False
@@ -419,7 +427,6 @@ cdef int _client_write(conn_t *c, const char *buf, int n) noexcept nogil:
 
 cdef int _pump_c2s(conn_t *c) noexcept nogil:
     """Client -> instance: 1 on progress, 0 if none, -1 when finished."""
-    global _bytes_c2s
     cdef ssize_t n
     cdef int ret, saved, off
     cdef char *buf
@@ -430,7 +437,7 @@ cdef int _pump_c2s(conn_t *c) noexcept nogil:
             return _send_pending(c)
         return 0
     if not c.client_eof and c.c_readable:
-        buf = _plane.scratch_in
+        buf = c.plane.scratch_in
         n = read(c.cfd, buf, SCRATCH)
         if n > 0:
             if n < SCRATCH and not c.c_hup and not c.c_urgent:
@@ -449,7 +456,7 @@ cdef int _pump_c2s(conn_t *c) noexcept nogil:
                     return 1
                 off += ret
             c.bytes_c2s += n
-            _bytes_c2s += n
+            c.plane.bytes_c2s += n
             if _flush(c) < 0:
                 return -1
             return 1
@@ -492,7 +499,7 @@ cdef int _pump_s2c(conn_t *c) noexcept nogil:
         return 0
     if c.server_eof or not (c.s_readable or SSL_has_pending(c.ssl)):
         return 0
-    buf = _plane.scratch_out
+    buf = c.plane.scratch_out
     total = 0
     # Gather several records (read-ahead keeps them in OpenSSL's buffer)
     # into one write to the client.
@@ -523,7 +530,7 @@ cdef int _pump_s2c(conn_t *c) noexcept nogil:
             c.server_eof = c.eof_error = True
             progress = True
         break
-    if _plane.out_len and _flush(c) < 0:  # e.g. a KeyUpdate reply
+    if c.plane.out_len and _flush(c) < 0:  # e.g. a KeyUpdate reply
         return -1
     if total > 0:
         ret = _client_write(c, buf, total)
@@ -536,7 +543,7 @@ cdef int _pump_s2c(conn_t *c) noexcept nogil:
 cdef bint _pump_once(conn_t *c) noexcept nogil:
     """One round in each direction; True if anything moved and the connection is open."""
     cdef int a, b, kind
-    _plane.out_len = 0  # nothing of another connection's may be flushed here
+    c.plane.out_len = 0  # nothing of another connection's may be flushed here
     if c.draining:
         return _drain_client(c) > 0
     a = _pump_c2s(c)
@@ -596,18 +603,18 @@ cdef void _push_done(conn_t *done) noexcept nogil:
     cdef unsigned long long one = 1
     if done == NULL:
         return
-    pthread_mutex_lock(&_plane.lock)
+    pthread_mutex_lock(&_done.lock)
     while done != NULL:
         c = done
         done = c.done_next
         c.done_next = NULL
-        if _plane.done_tail != NULL:
-            _plane.done_tail.done_next = c
+        if _done.tail != NULL:
+            _done.tail.done_next = c
         else:
-            _plane.done_head = c
-        _plane.done_tail = c
-    pthread_mutex_unlock(&_plane.lock)
-    write(_plane.done_fd, &one, sizeof(one))
+            _done.head = c
+        _done.tail = c
+    pthread_mutex_unlock(&_done.lock)
+    write(_done.done_fd, &one, sizeof(one))
 
 
 cdef bint _register(conn_t *c) noexcept nogil:
@@ -615,25 +622,25 @@ cdef bint _register(conn_t *c) noexcept nogil:
     cdef epoll_event ev
     ev.events = EPOLLIN | EPOLLOUT | EPOLLPRI | EPOLLRDHUP | EPOLLET
     ev.data.u64 = <unsigned long long>c | SIDE_CLIENT
-    if epoll_ctl(_plane.epfd, EPOLL_CTL_ADD, c.cfd, &ev) != 0:
+    if epoll_ctl(c.plane.epfd, EPOLL_CTL_ADD, c.cfd, &ev) != 0:
         return False
     ev.data.u64 = <unsigned long long>c | SIDE_INSTANCE
-    if epoll_ctl(_plane.epfd, EPOLL_CTL_ADD, c.sfd, &ev) != 0:
-        epoll_ctl(_plane.epfd, EPOLL_CTL_DEL, c.cfd, NULL)
+    if epoll_ctl(c.plane.epfd, EPOLL_CTL_ADD, c.sfd, &ev) != 0:
+        epoll_ctl(c.plane.epfd, EPOLL_CTL_DEL, c.cfd, NULL)
         return False
     c.registered = True
     return True
 
 
-cdef int _wait_ms(conn_t *again) noexcept nogil:
+cdef int _wait_ms(plane_t *p, conn_t *again) noexcept nogil:
     cdef long long soonest, now, left
     cdef conn_t *c
     if again != NULL:
         return 0
-    if _plane.lingering == NULL:
+    if p.lingering == NULL:
         return -1
-    soonest = _plane.lingering.linger_deadline
-    c = _plane.lingering.linger_next
+    soonest = p.lingering.linger_deadline
+    c = p.lingering.linger_next
     while c != NULL:
         if c.linger_deadline < soonest:
             soonest = c.linger_deadline
@@ -646,6 +653,7 @@ cdef int _wait_ms(conn_t *again) noexcept nogil:
 
 
 cdef void *_plane_main(void *arg) noexcept nogil:
+    cdef plane_t *p = <plane_t *>arg
     cdef epoll_event events[MAX_EVENTS]
     cdef int n, i
     cdef unsigned int ev
@@ -660,7 +668,7 @@ cdef void *_plane_main(void *arg) noexcept nogil:
     cdef conn_t **link
     cdef long long now
     while True:
-        n = epoll_wait(_plane.epfd, events, MAX_EVENTS, _wait_ms(again))
+        n = epoll_wait(p.epfd, events, MAX_EVENTS, _wait_ms(p, again))
         if n < 0:
             n = 0  # EINTR
         ready = again
@@ -670,7 +678,7 @@ cdef void *_plane_main(void *arg) noexcept nogil:
             tag = events[i].data.u64
             ev = events[i].events
             if tag == SIDE_WAKE:
-                read(_plane.wake_fd, &counter, sizeof(counter))
+                read(p.wake_fd, &counter, sizeof(counter))
                 continue
             c = <conn_t *>(tag & ~(<unsigned long long>3))
             if c.finished:
@@ -700,12 +708,12 @@ cdef void *_plane_main(void *arg) noexcept nogil:
 
         # Starts and aborts requested by Python since the last batch, taken
         # together: an abort never overtakes the start of its connection.
-        pthread_mutex_lock(&_plane.lock)
-        starts = _plane.starts
-        _plane.starts = NULL
-        aborts = _plane.aborts
-        _plane.aborts = NULL
-        pthread_mutex_unlock(&_plane.lock)
+        pthread_mutex_lock(&p.lock)
+        starts = p.starts
+        p.starts = NULL
+        aborts = p.aborts
+        p.aborts = NULL
+        pthread_mutex_unlock(&p.lock)
         while starts != NULL:
             c = starts
             starts = c.start_next
@@ -726,11 +734,11 @@ cdef void *_plane_main(void *arg) noexcept nogil:
                 _finish(c, C_ABORTED)
                 c.done_next = done
                 done = c
-            pthread_mutex_lock(&_plane.lock)
+            pthread_mutex_lock(&p.lock)
             c.abort_pending = False
             if c.orphaned:
                 free(c)  # already delivered; this was its last reference
-            pthread_mutex_unlock(&_plane.lock)
+            pthread_mutex_unlock(&p.lock)
 
         while ready != NULL:
             c = ready
@@ -744,9 +752,9 @@ cdef void *_plane_main(void *arg) noexcept nogil:
                 c.done_next = done
                 done = c
 
-        if _plane.lingering != NULL:
+        if p.lingering != NULL:
             now = _now_ns()
-            c = _plane.lingering
+            c = p.lingering
             while c != NULL:
                 next_c = c.linger_next
                 if c.linger_deadline <= now and not c.finished:
@@ -774,50 +782,70 @@ cdef void *_plane_main(void *arg) noexcept nogil:
     return NULL
 
 
-cdef int _plane_init() except -1:
-    if _plane.epfd >= 0:
+cdef int _completions_init() except -1:
+    if _done.done_fd >= 0:
         return 0
-    pthread_mutex_init(&_plane.lock, NULL)
-    if _plane.scratch_in == NULL:
-        _plane.scratch_in = <char *>malloc(SCRATCH)
-        _plane.scratch_out = <char *>malloc(SCRATCH)
-    if _plane.scratch_in == NULL or _plane.scratch_out == NULL:
+    pthread_mutex_init(&_done.lock, NULL)
+    _done.done_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+    if _done.done_fd < 0:
+        raise OSError(errno, "cannot create the data plane: " + _errno_text(errno))
+    _done.pid = getpid()
+    return 0
+
+
+cdef int _plane_init(plane_t *p, int index) except -1:
+    """Make one thread's epoll, wake-up eventfd and scratch buffers (not the thread)."""
+    if p.made:
+        return 0
+    p.index = index
+    pthread_mutex_init(&p.lock, NULL)
+    if p.scratch_in == NULL:
+        p.scratch_in = <char *>malloc(SCRATCH)
+        p.scratch_out = <char *>malloc(SCRATCH)
+    if p.scratch_in == NULL or p.scratch_out == NULL:
         raise MemoryError()
-    _plane.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
-    _plane.done_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+    p.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
     cdef int epfd = epoll_create1(EPOLL_CLOEXEC)
-    if _plane.wake_fd < 0 or _plane.done_fd < 0 or epfd < 0:
+    if p.wake_fd < 0 or epfd < 0:
         raise OSError(errno, "cannot create the data plane: " + _errno_text(errno))
     cdef epoll_event ev
     ev.events = EPOLLIN
     ev.data.u64 = SIDE_WAKE
-    if epoll_ctl(epfd, EPOLL_CTL_ADD, _plane.wake_fd, &ev) < 0:
+    if epoll_ctl(epfd, EPOLL_CTL_ADD, p.wake_fd, &ev) < 0:
         raise OSError(errno, "cannot create the data plane: " + _errno_text(errno))
-    _plane.epfd = epfd
-    _plane.pid = getpid()
+    p.epfd = epfd
+    p.pid = getpid()
+    p.made = True
     return 0
 
 
 cdef void _plane_forget_parent() noexcept:
     """In a forked child: drop the parent's data plane and start afresh on first use.
 
-    The thread was not copied, its connections are the parent's (their
-    conn_t copies are left alone, never freed here), and the lock may have
+    The threads were not copied, their connections are the parent's (their
+    conn_t copies are left alone, never freed here), and the locks may have
     been held at the fork. The epoll and eventfd copies would share state
     with the parent, so they are closed.
     """
     global _drain_loop
-    if _plane.epfd >= 0:
-        close(_plane.epfd)
-        close(_plane.wake_fd)
-        close(_plane.done_fd)
-    _plane.epfd = _plane.wake_fd = _plane.done_fd = -1
-    _plane.running = False
-    pthread_mutex_init(&_plane.lock, NULL)  # the parent's thread may have held it
-    _plane.starts = _plane.aborts = NULL
-    _plane.done_head = _plane.done_tail = NULL
-    _plane.lingering = NULL
-    _plane.out_len = 0
+    cdef int i
+    cdef plane_t *p
+    for i in range(MAX_PLANES):
+        p = &_planes[i]
+        if p.made:
+            close(p.epfd)
+            close(p.wake_fd)
+        p.epfd = p.wake_fd = -1
+        p.made = p.running = False
+        pthread_mutex_init(&p.lock, NULL)  # the parent's thread may have held it
+        p.starts = p.aborts = NULL
+        p.lingering = NULL
+        p.out_len = 0
+        p.active = 0
+    if _done.done_fd >= 0:
+        close(_done.done_fd)
+    _done.done_fd = -1
+    _done.head = _done.tail = NULL
     _drain_loop = None
 
 
@@ -825,31 +853,98 @@ def _after_fork_in_child():
     _plane_forget_parent()
 
 
-cdef int _plane_start() except -1:
+def default_threads():
+    """One thread per CPU this process may run on, at most DEFAULT_THREADS_CAP."""
+    return max(1, min(len(_os.sched_getaffinity(0)), DEFAULT_THREADS_CAP))
+
+
+def set_threads(int count):
+    """Spread new connections over ``count`` data-plane threads (1..MAX_THREADS).
+
+    Threads start on their first connection and then stay; lowering the
+    count only stops new connections from going to the threads above it.
+    """
+    global _plane_count
+    cdef int i
+    if not 1 <= count <= MAX_PLANES:
+        raise ValueError(f"data-plane threads must be between 1 and {MAX_PLANES}, not {count}")
+    _completions_init()
+    for i in range(count):
+        _plane_init(&_planes[i], i)
+    _plane_count = count
+
+
+def threads():
+    """How many data-plane threads new connections are spread over."""
+    return _plane_count
+
+
+cdef plane_t *_least_loaded():
+    cdef plane_t *best = &_planes[0]
+    cdef int i
+    for i in range(1, _plane_count):
+        if _planes[i].active < best.active:
+            best = &_planes[i]
+    return best
+
+
+cdef int _plane_start(plane_t *p) except -1:
     cdef pthread_t thread
     cdef sigset_t all_signals, old
     cdef int err
-    if _plane.epfd >= 0 and _plane.pid != getpid():
-        _plane_forget_parent()  # forked without os.fork (no at-fork hook ran)
-    _plane_init()
-    if _plane.running:
+    cdef bytes name
+    if p.running:
         return 0
     # Signals belong to Python's main thread: the new thread starts with all
     # of them blocked (set around pthread_create, so none slips in first).
     sigfillset(&all_signals)
     pthread_sigmask(SIG_BLOCK, &all_signals, &old)
-    err = pthread_create(&thread, NULL, _plane_main, NULL)
+    err = pthread_create(&thread, NULL, _plane_main, p)
     pthread_sigmask(SIG_SETMASK, &old, NULL)
     if err != 0:
         raise OSError(err, "cannot start the data plane thread: " + _errno_text(err))
+    # Named for top -H, perf and /proc/PID/task/*/comm (15 bytes at most).
+    name = f"dataplane-{p.index}".encode()
+    pthread_setname_np(thread, name)
     pthread_detach(thread)
-    _plane.running = True
+    p.running = True
     return 0
 
 
-# Created at import: three process-wide fds, so fd accounting is stable.
-_plane_init()
+cdef plane_t *_plane_for_new_connection() except NULL:
+    """The least-loaded thread, started if need be (after a fork: afresh)."""
+    if _done.done_fd >= 0 and _done.pid != getpid():
+        _plane_forget_parent()  # forked without os.fork (no at-fork hook ran)
+    set_threads(_plane_count)   # makes what a fork closed
+    cdef plane_t *p = _least_loaded()
+    _plane_start(p)
+    return p
+
+
+def stats():
+    """Process-wide counters, read at scrape time (no per-chunk Python work)."""
+    cdef unsigned long long c2s = 0, s2c = 0
+    cdef int i
+    for i in range(MAX_PLANES):
+        c2s += _planes[i].bytes_c2s
+        s2c += _planes[i].bytes_s2c
+    return {
+        "active": _active,
+        "total": _total,
+        "bytes_client_to_server": c2s,
+        "bytes_server_to_client": s2c,
+    }
+
+
+def thread_loads():
+    """Connections on each data-plane thread (for tests and the debug page)."""
+    return [_planes[i].active for i in range(_plane_count)]
+
+
 import os as _os
+# Created at import, for the default count: one eventfd for completions and
+# an epoll and an eventfd per thread, so fd accounting is stable.
+set_threads(default_threads())
 _os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
@@ -860,11 +955,11 @@ def _drain_completions():
     cdef conn_t *c
     cdef conn_t *head
     cdef conn_t *tail
-    read(_plane.done_fd, &counter, sizeof(counter))
-    pthread_mutex_lock(&_plane.lock)
-    head = _plane.done_head
-    _plane.done_head = _plane.done_tail = NULL
-    pthread_mutex_unlock(&_plane.lock)
+    read(_done.done_fd, &counter, sizeof(counter))
+    pthread_mutex_lock(&_done.lock)
+    head = _done.head
+    _done.head = _done.tail = NULL
+    pthread_mutex_unlock(&_done.lock)
     while head != NULL:
         c = head
         head = c.done_next
@@ -881,13 +976,13 @@ def _drain_completions():
                 tail = head
                 while tail.done_next != NULL:
                     tail = tail.done_next
-                pthread_mutex_lock(&_plane.lock)
-                tail.done_next = _plane.done_head
-                _plane.done_head = head
-                if _plane.done_tail == NULL:
-                    _plane.done_tail = tail
-                pthread_mutex_unlock(&_plane.lock)
-                write(_plane.done_fd, &one, sizeof(one))
+                pthread_mutex_lock(&_done.lock)
+                tail.done_next = _done.head
+                _done.head = head
+                if _done.tail == NULL:
+                    _done.tail = tail
+                pthread_mutex_unlock(&_done.lock)
+                write(_done.done_fd, &one, sizeof(one))
             raise
 
 
@@ -898,14 +993,14 @@ cdef void _watch_completions(loop) except *:
         return
     old = _drain_loop
     if old is not None and not old.is_closed() and not old.is_running():
-        old.remove_reader(_plane.done_fd)
-    loop.add_reader(_plane.done_fd, _drain_completions)
+        old.remove_reader(_done.done_fd)
+    loop.add_reader(_done.done_fd, _drain_completions)
     _drain_loop = loop
 
 
-cdef void _wake_plane() noexcept nogil:
+cdef void _wake_plane(plane_t *p) noexcept nogil:
     cdef unsigned long long one = 1
-    write(_plane.wake_fd, &one, sizeof(one))
+    write(p.wake_fd, &one, sizeof(one))
 
 
 cdef class Splice:
@@ -967,7 +1062,7 @@ cdef class Splice:
         global _active, _total
         if self.started:
             raise RuntimeError("splice already started")
-        _plane_start()
+        cdef plane_t *p = _plane_for_new_connection()
         _watch_completions(loop)
         self.started = True
         self.loop = loop
@@ -976,23 +1071,26 @@ cdef class Splice:
         _total += 1
         Py_INCREF(self)  # the thread's reference, given back in _drain_completions
         self.c.owner = <void *>self
-        pthread_mutex_lock(&_plane.lock)
-        self.c.start_next = _plane.starts
-        _plane.starts = self.c
-        pthread_mutex_unlock(&_plane.lock)
-        _wake_plane()
+        self.c.plane = p
+        p.active += 1
+        pthread_mutex_lock(&p.lock)
+        self.c.start_next = p.starts
+        p.starts = self.c
+        pthread_mutex_unlock(&p.lock)
+        _wake_plane(p)
 
     def abort(self):
         """Tear down soon; on_done still runs once, on the loop, with ABORTED."""
         if not self.started or self.delivered or self.pid != getpid():
             return  # (in a forked child the connection is the parent's)
-        pthread_mutex_lock(&_plane.lock)
+        cdef plane_t *p = self.c.plane
+        pthread_mutex_lock(&p.lock)
         if not self.c.abort_pending:
             self.c.abort_pending = True
-            self.c.abort_next = _plane.aborts
-            _plane.aborts = self.c
-        pthread_mutex_unlock(&_plane.lock)
-        _wake_plane()
+            self.c.abort_next = p.aborts
+            p.aborts = self.c
+        pthread_mutex_unlock(&p.lock)
+        _wake_plane(p)
 
     @property
     def bytes_client_to_server(self):
@@ -1008,6 +1106,7 @@ cdef class Splice:
         message = self.c.message.decode("utf-8", "replace")
         self.delivered = True
         _active -= 1
+        self.c.plane.active -= 1
         self.final_c2s = self.c.bytes_c2s
         self.final_s2c = self.c.bytes_s2c
         self._release()
@@ -1028,11 +1127,12 @@ cdef class Splice:
         if c == NULL or self.pid != getpid():
             return
         self.c = NULL
-        pthread_mutex_lock(&_plane.lock)
+        cdef plane_t *p = c.plane
+        pthread_mutex_lock(&p.lock)
         if c.abort_pending:
             c.orphaned = True
             c = NULL
-        pthread_mutex_unlock(&_plane.lock)
+        pthread_mutex_unlock(&p.lock)
         free(c)
 
     def __dealloc__(self):

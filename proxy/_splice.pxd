@@ -49,9 +49,40 @@ cdef class TLSConnection:
     cdef _check_open(self)
 
 
-# One spliced connection, owned by the data-plane thread from Splice.start
+cdef extern from "pthread.h" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+
+
+# One data-plane thread: its own epoll, wake-up eventfd, scratch buffers and
+# lists. Each connection lives on one thread from start to finish, so nothing
+# on the per-byte path is shared between threads (see _plane.pxi).
+cdef struct conn_t  # below
+
+cdef struct plane_t:
+    int index
+    int epfd
+    int wake_fd                  # Python -> thread (starts, aborts)
+    int pid                      # the process that made these fds
+    bint made                    # the fds and buffers exist (not the thread)
+    bint running
+    pthread_mutex_t lock         # guards starts, aborts and the abort fields of conn_t
+    conn_t *starts               # under lock
+    conn_t *aborts               # under lock
+    conn_t *lingering            # thread only
+    char *scratch_in
+    char *scratch_out
+    char *out                    # ciphertext of the current SSL_* call (_bio_write)
+    size_t out_len, out_cap
+    # Written by the thread only; read whole (64-bit aligned) at scrape time.
+    unsigned long long bytes_c2s, bytes_s2c
+    long active                  # connections assigned and not yet delivered (GIL)
+
+
+# One spliced connection, owned by its data-plane thread from Splice.start
 # until its completion is delivered; see _plane.pxi for the thread.
-ctypedef struct conn_t:
+cdef struct conn_t:
+    plane_t *plane               # the thread it lives on, chosen at start
     int cfd
     int sfd                      # -1 once the instance side is closed
     SSL *ssl
@@ -88,7 +119,7 @@ ctypedef struct conn_t:
     conn_t *done_next
     conn_t *abort_next
     void *owner                  # the Splice (a held reference) until delivery
-    # Shared with the Python side under the plane's lock:
+    # Shared with the Python side under plane.lock:
     bint abort_pending           # on the abort list, not yet processed
     bint orphaned                # delivered: the thread frees it after the abort
 

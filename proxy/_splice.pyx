@@ -56,20 +56,6 @@ DEF BUFFER_SIZE = 16384
 
 cdef unsigned long long _active = 0
 cdef unsigned long long _total = 0
-cdef unsigned long long _bytes_c2s = 0
-cdef unsigned long long _bytes_s2c = 0
-
-
-def stats():
-    """Process-wide counters, read at scrape time (no per-chunk Python work)."""
-    return {
-        "active": _active,
-        "total": _total,
-        "bytes_client_to_server": _bytes_c2s,
-        "bytes_server_to_client": _bytes_s2c,
-    }
-
-
 def openssl_version():
     """The OpenSSL this module runs on: the system's, or the one built into a wheel."""
     return OpenSSL_version(OPENSSL_VERSION).decode()

@@ -192,6 +192,12 @@ class _CobraStyleCommand(click.Command):
     help="Limits the number of connections by refusing any additional connections. 0 means no limit.",
 )
 @click.option(
+    "--data-plane-threads",
+    type=click.IntRange(min=0, max=64),
+    default=0,
+    help="(Not in the Go proxy.) Threads that move the bytes of the native data plane, for the whole process; 0 means one per usable CPU, up to 16.",
+)
+@click.option(
     "-l",
     "--structured-logs",
     is_flag=True,
@@ -440,6 +446,7 @@ def build_config(
         user_agent=opts["user_agent"],
         lazy_refresh=opts["lazy_refresh"],
         max_connections=opts["max_connections"],
+        data_plane_threads=opts["data_plane_threads"],
         structured_logs=opts["structured_logs"],
         debug_logs=opts["debug_logs"],
         quiet=opts["quiet"],

@@ -227,6 +227,7 @@ class Config:
     user_agent: str = ""
     lazy_refresh: bool = False
     max_connections: int = 0
+    data_plane_threads: int = 0  # 0: plane.default_threads()
 
     structured_logs: bool = False
     debug_logs: bool = False

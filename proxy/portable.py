@@ -73,6 +73,28 @@ def stats() -> dict[str, int]:
     return dict(_counters)
 
 
+# The portable plane moves bytes on the event loop's thread: the thread
+# count of the native plane is accepted (and checked) but has no effect.
+MAX_THREADS = 64
+
+
+def default_threads() -> int:
+    return 1
+
+
+def set_threads(count: int) -> None:
+    if not 1 <= count <= MAX_THREADS:
+        raise ValueError(f"data-plane threads must be between 1 and {MAX_THREADS}, not {count}")
+
+
+def threads() -> int:
+    return 1
+
+
+def thread_loads() -> list[int]:
+    return [_counters["active"]]
+
+
 def openssl_version() -> str:
     return ssl.OPENSSL_VERSION
 

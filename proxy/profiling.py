@@ -52,7 +52,7 @@ def _goroutine() -> str:
             out.extend(traceback.format_stack(frame, limit=1))
     frames = sys._current_frames()
     names = {t.ident: t.name for t in threading.enumerate()}
-    out.append(f"\n{len(frames)} Python thread(s) (the data plane thread runs native code)\n")
+    out.append(f"\n{len(frames)} Python thread(s) (the data-plane threads run native code)\n")
     for ident, frame in frames.items():
         out.append(f"\nthread {names.get(ident, ident)}\n")
         out.extend(traceback.format_stack(frame))
@@ -75,6 +75,7 @@ def _heap() -> str:
     lines += [f"gc_count_gen{i} {n}" for i, n in enumerate(gc.get_count())]
     lines += [f"gc_objects {len(gc.get_objects())}"]
     lines += [f"data_plane_{k} {v}" for k, v in plane.stats().items()]
+    lines += [f"data_plane_thread_{i}_connections {n}" for i, n in enumerate(plane.thread_loads())]
     if tracemalloc.is_tracing():
         lines.append("\ntop allocations (tracemalloc):")
         for stat in tracemalloc.take_snapshot().statistics("lineno")[:25]:

@@ -302,6 +302,9 @@ async def open_proxy(
     and ``proxy.Proxy``'s. Not accepting yet. ``error_prefix`` goes before a
     credential or static-info error (the command's "unable to start: ")."""
     dataplane.check()  # e.g. ALLOYDB_AUTH_PROXY_DATA_PLANE=native where it is not installed
+    if cfg.data_plane_threads:
+        dataplane.plane.set_threads(cfg.data_plane_threads)
+    log.debug("Data plane threads: %d", dataplane.plane.threads())
     try:
         credentials = await workers.TOKENS.run(lambda: resolve_credentials(cfg))
         static = None

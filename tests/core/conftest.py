@@ -134,6 +134,15 @@ def tls_server(pki):
             assert server.errors == [], f"the TLS test server saw errors: {server.errors!r}"
 
 
+@pytest.fixture(params=[1, 4], ids=["1-thread", "4-threads"])
+def plane_threads(request):
+    """Run the test with this many data-plane threads (the portable plane ignores it)."""
+    before = _splice.threads()
+    _splice.set_threads(request.param)
+    yield request.param
+    _splice.set_threads(before)
+
+
 @pytest.fixture(params=["asyncio", "uvloop"])
 def loop_kind(request):
     return request.param

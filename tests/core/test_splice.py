@@ -173,7 +173,7 @@ def test_bytes_buffered_before_start_are_not_lost(run, tls_server, client_contex
     run(main)
 
 
-def test_client_half_close_keeps_the_tail(run, tls_server, client_context):
+def test_client_half_close_keeps_the_tail(run, tls_server, client_context, plane_threads):
     tail = os.urandom(2 * 1024 * 1024)
 
     def read_all_then_answer(tls):
@@ -226,7 +226,7 @@ def test_instance_close_flushes_everything(run, tls_server, client_context):
     run(main)
 
 
-def test_instance_reset_mid_stream(run, tls_server, client_context):
+def test_instance_reset_mid_stream(run, tls_server, client_context, plane_threads):
     def reset(tls):
         tls.recv(10)
         tls.sendall(b"partial")
@@ -252,7 +252,7 @@ def test_instance_reset_mid_stream(run, tls_server, client_context):
     assert_fds_back_to(before)
 
 
-def test_client_reset_mid_stream(run, tls_server, client_context):
+def test_client_reset_mid_stream(run, tls_server, client_context, plane_threads):
     server = tls_server()
 
     async def main():
@@ -280,7 +280,9 @@ def test_client_reset_mid_stream(run, tls_server, client_context):
     assert_fds_back_to(before)
 
 
-def test_client_that_stops_reading_applies_backpressure(run, tls_server, client_context):
+def test_client_that_stops_reading_applies_backpressure(
+    run, tls_server, client_context, plane_threads
+):
     """A counting pattern, 4 KiB buffers: the splice stops while nobody reads, then
     resumes where it stopped, every byte in order."""
     stream = pattern(8 * 1024 * 1024, seed=12)
@@ -371,18 +373,20 @@ def test_on_done_exception_goes_to_the_loop_handler(run, tls_server, client_cont
     run(main)
 
 
-def test_one_gigabyte_through_one_connection(run, tls_server, client_context):
+def test_one_gigabyte_checksummed(run, tls_server, client_context, plane_threads):
+    """1 GiB echoed and checksummed: through one connection on one thread, or
+    as four concurrent 256 MiB streams, one on each of four threads."""
     server = tls_server()
     block = os.urandom(4 * 1024 * 1024)
-    total = 1024 * 1024 * 1024
+    streams = plane_threads
+    per_stream = 1024 * 1024 * 1024 // streams
 
-    async def main():
+    async def one_stream(sock):
         loop = asyncio.get_running_loop()
-        sock, _, done, _ = await spliced(client_context, server.port)
         sent = hashlib.sha256()
 
         async def writer():
-            for _ in range(total // len(block)):
+            for _ in range(per_stream // len(block)):
                 await loop.sock_sendall(sock, block)
                 sent.update(block)
             sock.shutdown(socket.SHUT_WR)
@@ -395,18 +399,25 @@ def test_one_gigabyte_through_one_connection(run, tls_server, client_context):
                 n += len(data)
             return n, got.digest()
 
-        start = time.monotonic()
         _, (n, digest) = await asyncio.gather(writer(), reader())
-        assert n == total
+        assert n == per_stream
         assert digest == sent.digest()
-        print(f"1 GiB echoed in {time.monotonic() - start:.1f}s")
-        assert (await asyncio.wait_for(done, 10))[0] == _splice.CLIENT_CLOSED
-        sock.close()
+
+    async def main():
+        opened = [await spliced(client_context, server.port) for _ in range(streams)]
+        if _splice.threads() == streams:  # native: the least-loaded thread takes each one
+            assert _splice.thread_loads() == [1] * streams
+        start = time.monotonic()
+        await asyncio.gather(*(one_stream(sock) for sock, _, _, _ in opened))
+        print(f"1 GiB echoed over {streams} stream(s) in {time.monotonic() - start:.1f}s")
+        for sock, _, done, _ in opened:
+            assert (await asyncio.wait_for(done, 10))[0] == _splice.CLIENT_CLOSED
+            sock.close()
 
     run(main)
 
 
-def test_one_thousand_concurrent_connections(run, tls_server, client_context):
+def test_one_thousand_concurrent_connections(run, tls_server, client_context, plane_threads):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 5000:
         pytest.skip(f"needs 5000 open files, the hard limit is {hard}")

@@ -298,7 +298,7 @@ def seeds() -> list[int]:
 
 
 @pytest.mark.timeout(600)
-def test_random_runs_deliver_every_byte_exactly(run, loop_kind, pki, client_context):
+def test_random_runs_deliver_every_byte_exactly(run, loop_kind, pki, client_context, plane_threads):
     all_seeds = seeds()
 
     async def main():

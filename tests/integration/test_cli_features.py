@@ -3,17 +3,22 @@ telemetry, --fuse, IPv6 listeners, log formats and --user-agent (real CLI subpro
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import os
 import re
 import socket
 import time
+from pathlib import Path
 
+import psycopg
 import pytest
 
+from proxy import dataplane
 from proxy.emulator.pki import key_pem, new_key
 
-from .conftest import URI, http_get, psql
+from .conftest import DB_NAME, DB_PASSWORD, DB_USER, URI, http_get, psql
 from .proxyproc import ProxyProcess, free_port_block
 
 SHORT = "project-id.us-central1.clust.inst"
@@ -33,6 +38,7 @@ def test_debug_serves_python_profiles_on_the_admin_port(start_proxy, port):
     assert status == 200 and "asyncio task(s)" in tasks and "thread" in tasks
     status, heap = http_get(base + "heap")
     assert status == 200 and re.search(r"^rss_kib \d+$", heap, re.M)
+    assert re.search(r"^data_plane_thread_0_connections \d+$", heap, re.M)
     status, profile = http_get(base + "profile?seconds=1")
     assert status == 200 and "samples of the event-loop thread over 1s" in profile
     assert http_get(base + "profile?seconds=nope")[0] == 400
@@ -166,6 +172,37 @@ def _has_ipv6_loopback() -> bool:
 
 
 @pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def _dataplane_threads(pid: int) -> list[str]:
+    names = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            names.append((task / "comm").read_text().strip())
+    return sorted(n for n in names if n.startswith("dataplane-"))
+
+
+@pytest.mark.skipif(
+    dataplane.NAME != "native", reason="the portable plane has no threads of its own"
+)
+def test_data_plane_threads_spread_connections(start_proxy, port):
+    """--data-plane-threads 3: six sessions held open run on three named threads,
+    each started by its first connection; the default is one per usable CPU."""
+    proxy = start_proxy(URI, "--port", str(port), "--data-plane-threads", "3", "--debug-logs")
+    proxy.wait_for("Data plane threads: 3")
+    assert _dataplane_threads(proxy.proc.pid) == []  # none before the first connection
+    dsn = f"host=127.0.0.1 port={port} user={DB_USER} password={DB_PASSWORD} dbname={DB_NAME}"
+    sessions = [psycopg.connect(dsn) for _ in range(6)]
+    try:
+        for i, conn in enumerate(sessions):
+            assert conn.execute("SELECT %s::int", (i,)).fetchone() == (i,)
+        assert _dataplane_threads(proxy.proc.pid) == ["dataplane-0", "dataplane-1", "dataplane-2"]
+    finally:
+        for conn in sessions:
+            conn.close()
+
+    default = start_proxy(URI, "--port", str(port + 1), "--debug-logs")
+    default.wait_for(f"Data plane threads: {min(len(os.sched_getaffinity(0)), 16)}")
+
+
 def test_ipv6_listeners(start_proxy, port):
     proxy = start_proxy(URI, "--address", "::1", "--port", str(port))
     assert f"[{SHORT}] Listening on [::1]:{port}" in proxy.output
