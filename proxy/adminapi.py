@@ -20,18 +20,19 @@ import ipaddress
 import json
 import random
 import re
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
-
-import requests
-import urllib3
 
 from proxy import workers
 from proxy.config import InstanceURI
 from proxy.credentials import TokenSource
 from proxy.errors import AdminAPIError, AdminAPIUnreachable
+
+if TYPE_CHECKING:
+    import requests
 
 API_VERSION = "v1beta"
 CERT_DURATION = "3600s"
@@ -75,10 +76,23 @@ class AdminAPIClient:
         self._tokens = tokens
         self._user_agent = user_agent
         self._quota_project = quota_project
-        self._session = requests.Session()
+        # requests (and urllib3) take about 40 ms to import: not at start-up,
+        # but on the worker thread of the first call.
+        self._session: requests.Session | None = None
+        self._session_lock = threading.Lock()
 
     def close(self) -> None:
-        self._session.close()
+        with self._session_lock:
+            if self._session is not None:
+                self._session.close()
+
+    def _get_session(self) -> requests.Session:
+        with self._session_lock:
+            if self._session is None:
+                import requests
+
+                self._session = requests.Session()
+            return self._session
 
     async def connection_info(self, uri: InstanceURI) -> InstanceAddresses:
         body = await self._call("GET", f"{uri.name}/connectionInfo", uri.name, None)
@@ -143,13 +157,26 @@ class AdminAPIClient:
             raise AdminAPIUnreachable(
                 f'{method} "{url}": no answer within {REQUEST_TIMEOUT:g}s'
             ) from None
-        except requests.RequestException as exc:
-            raise AdminAPIUnreachable(f'{method} "{url}": {_reason(exc)}') from None
+        except _TransportError as exc:
+            raise AdminAPIUnreachable(f'{method} "{url}": {exc}') from None
 
     def _send(
         self, method: str, url: str, headers: dict[str, str], data: str | None, deadline: float
     ) -> tuple[int, bytes]:
-        with self._session.request(
+        import requests
+
+        try:
+            return self._receive(method, url, headers, data, deadline)
+        except requests.RequestException as exc:
+            raise _TransportError(_reason(exc)) from None
+
+    def _receive(
+        self, method: str, url: str, headers: dict[str, str], data: str | None, deadline: float
+    ) -> tuple[int, bytes]:
+        import requests
+        import urllib3
+
+        with self._get_session().request(
             method, url, headers=headers, data=data, timeout=REQUEST_TIMEOUT, stream=True
         ) as response:
             raw = response.raw
@@ -246,6 +273,10 @@ def _error_codes(error: dict[str, Any]) -> str:
         if reasons:
             break
     return ",".join(reasons)
+
+
+class _TransportError(Exception):
+    """The Admin API could not be reached (the innermost reason, for the message)."""
 
 
 def _reason(exc: requests.RequestException) -> str:

@@ -25,8 +25,6 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from cryptography import x509
-
 from proxy.adminapi import AdminAPIClient
 from proxy.config import InstanceURI
 from proxy.dataplane import plane
@@ -93,6 +91,8 @@ async def fetch_connection_info(
             "cannot connect to instance - it has no supported IP addresses", uri.short
         )
     try:
+        from cryptography import x509  # not at start-up: about 13 ms
+
         leaf = x509.load_pem_x509_certificate(cert.chain_pem[0].encode())
         chain = "".join(p if p.endswith("\n") else p + "\n" for p in cert.chain_pem)
         context = plane.TLSClientContext(chain.encode(), keys.private_pem, cert.ca_pem.encode())

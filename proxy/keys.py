@@ -3,6 +3,8 @@
 Generating it takes 30-130 ms here, and OpenSSL does it without the GIL, so
 the CLI starts it on a thread before importing the rest of the proxy: by the
 time the listeners are open it is usually done, and start-up does not wait.
+The native core makes it directly with OpenSSL; the portable plane (no core)
+through the cryptography package, whose import alone costs about 20 ms.
 """
 
 from __future__ import annotations
@@ -10,8 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from proxy import dataplane
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,12 @@ class KeyPair:
 
     @classmethod
     def generate(cls) -> KeyPair:
+        if dataplane.NAME == "native":
+            private_pem, public_pem = dataplane.plane.generate_rsa_key()
+            return cls(private_pem, public_pem)
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         private = key.private_bytes(
             serialization.Encoding.PEM,

@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cryptography import x509
-
 from proxy.cache import ConnectionInfo
 from proxy.config import InstanceURI
 from proxy.dataplane import plane
@@ -70,6 +68,8 @@ def load(path: str) -> dict[str, ConnectionInfo]:
             raise StaticInfoError(f"{where}: no ipAddress, publicIpAddress or pscDnsName")
         pem_chain = "".join(p if p.endswith("\n") else p + "\n" for p in chain)
         try:
+            from cryptography import x509  # not at start-up: about 13 ms
+
             leaf = x509.load_pem_x509_certificate(chain[0].encode())
             context = plane.TLSClientContext(pem_chain.encode(), private_key.encode(), ca.encode())
         except ValueError as exc:

@@ -37,7 +37,6 @@ from proxy.health import (
 from proxy.keys import KeyPair, generate_in_background
 from proxy.log import Logger
 from proxy.metrics import Metrics
-from proxy.profiling import debug_routes
 from proxy.server import ProxyServer
 from proxy.settings import format_go_duration
 
@@ -205,6 +204,8 @@ class Supervisor:
         if cfg.quitquitquit or cfg.debug:
             admin_table = admin_routes(self._on_quit) if cfg.quitquitquit else {}
             if cfg.debug:
+                from proxy.profiling import debug_routes  # only with --debug
+
                 admin_table.update(debug_routes())
             admin = HTTPServer(admin_table, RequestPolicy())  # loopback names only
             await admin.start("localhost", int(cfg.admin_port))
