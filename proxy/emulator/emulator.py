@@ -133,10 +133,18 @@ class Emulator:
     # ---- set-up ---------------------------------------------------------
 
     def add_instance(
-        self, uri: str, *, public_ip: bool = False, psc: bool = False, serve: bool = True
+        self,
+        uri: str,
+        *,
+        public_ip: bool = False,
+        psc: bool = False,
+        serve: bool = True,
+        backend: tuple[str, int] | None = None,
     ) -> Instance:
         """Register an instance; ``serve=False`` leaves its port 5433 to another server
-        (e.g. a benchmark's), which can use ``server_identity(inst)`` and ``inst.ca.root_pem``."""
+        (e.g. a benchmark's), which can use ``server_identity(inst)`` and ``inst.ca.root_pem``.
+        ``backend`` sends its sessions (StartupMessage included) to that address
+        instead of the emulator's PostgreSQL."""
         match = _URI.match(uri)
         if match is None:
             raise ValueError(f"not an instance URI: {uri!r}")
@@ -157,6 +165,7 @@ class Emulator:
                 f"{inst.uid[:12]}.{_dns_label(parts[1])}.{_dns_label(parts[3])}.alloydb.goog"
             )
         inst.serve = serve
+        inst.backend = backend
         self.instances[uri] = inst
         if serve and self._loop is not None:
             try:

@@ -83,6 +83,9 @@ class Instance:
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
     faults: Faults = field(default_factory=Faults)
     serve: bool = True  # False: another server answers on port 5433
+    # Where its server forwards sessions, if not to the emulator's PostgreSQL
+    # (a benchmark's echo backend): (host, port).
+    backend: tuple[str, int] | None = None
 
     @property
     def cluster(self) -> str:
@@ -410,7 +413,10 @@ class InstanceServer:
         # user (a name with "@") is refused outright without AUTO_IAM, as an IAM
         # user has no password to give.
         local = None
-        if emu.postgres_on_loopback():
+        host, port = self.inst.backend or (emu.postgres_host, emu.postgres_port)
+        if self.inst.backend is not None:
+            pass  # not PostgreSQL: no source address to choose
+        elif emu.postgres_on_loopback():
             local = (TRUSTED_SOURCE if auth_type == mdx.AUTO_IAM else PASSWORD_SOURCE, 0)
         elif code == PROTOCOL_3 and auth_type != mdx.AUTO_IAM and "@" in _startup_user(rest):
             user = _startup_user(rest)
@@ -418,9 +424,7 @@ class InstanceServer:
             await writer.drain()
             return None
         try:
-            pg_reader, pg_writer = await asyncio.open_connection(
-                emu.postgres_host, emu.postgres_port, local_addr=local
-            )
+            pg_reader, pg_writer = await asyncio.open_connection(host, port, local_addr=local)
         except OSError as exc:
             writer.write(pg_error(f"could not connect to the database server: {exc}", "08006"))
             await writer.drain()

@@ -20,10 +20,15 @@ METRICS = [
     "upload_mbps",
     "download_mbps",
     "cpu_s_per_gb",
+    *(f"{d}_p{n}_{k}" for d in ("up", "down") for n in (1, 2, 4, 8) for k in ("mbps", "cores")),
+    "p4_cpu_s_per_gb",
     "ping_us",
+    "emu_ping_us",
     "pgbench_tps",
     "connect_ms",
+    "emu_connect_ms",
     "rss_kib_per_conn",
+    "emu_rss_kib_per_conn",
     "start_to_ready_ms",
     "concurrent_ok",
 ]
@@ -52,3 +57,4 @@ def test_bench_smoke_runs_every_step(tmp_path):
     wanted = data["meta"]["concurrent_connections"]
     assert data["summary"]["ours"]["concurrent_ok"] == wanted
     assert (tmp_path / "latest.md").read_text().startswith("Mode: **smoke**")
+    assert data["meta"]["startup_top_imports_ms"], "no -X importtime breakdown of the start-up"
