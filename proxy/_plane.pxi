@@ -804,15 +804,21 @@ cdef int _plane_init(plane_t *p, int index) except -1:
         p.scratch_out = <char *>malloc(SCRATCH)
     if p.scratch_in == NULL or p.scratch_out == NULL:
         raise MemoryError()
-    p.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
-    cdef int epfd = epoll_create1(EPOLL_CLOEXEC)
-    if p.wake_fd < 0 or epfd < 0:
-        raise OSError(errno, "cannot create the data plane: " + _errno_text(errno))
+    cdef int err = 0
+    cdef int wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+    cdef int epfd = epoll_create1(EPOLL_CLOEXEC) if wake_fd >= 0 else -1
     cdef epoll_event ev
     ev.events = EPOLLIN
     ev.data.u64 = SIDE_WAKE
-    if epoll_ctl(epfd, EPOLL_CTL_ADD, p.wake_fd, &ev) < 0:
-        raise OSError(errno, "cannot create the data plane: " + _errno_text(errno))
+    if epfd < 0 or epoll_ctl(epfd, EPOLL_CTL_ADD, wake_fd, &ev) < 0:
+        err = errno
+        # Nothing half-made stays open: the next start tries again (EMFILE passes).
+        if wake_fd >= 0:
+            close(wake_fd)
+        if epfd >= 0:
+            close(epfd)
+        raise OSError(err, "cannot create the data plane: " + _errno_text(err))
+    p.wake_fd = wake_fd
     p.epfd = epfd
     p.pid = getpid()
     p.made = True
@@ -917,7 +923,19 @@ cdef plane_t *_plane_for_new_connection() except NULL:
         _plane_forget_parent()  # forked without os.fork (no at-fork hook ran)
     set_threads(_plane_count)   # makes what a fork closed
     cdef plane_t *p = _least_loaded()
-    _plane_start(p)
+    cdef plane_t *running = NULL
+    cdef int i
+    try:
+        _plane_start(p)
+    except OSError:
+        # No new thread now (e.g. a thread limit): the least-loaded running one
+        # takes the connection, if there is one; the next start tries again.
+        for i in range(_plane_count):
+            if _planes[i].running and (running == NULL or _planes[i].active < running.active):
+                running = &_planes[i]
+        if running == NULL:
+            raise
+        p = running
     return p
 
 
@@ -937,8 +955,9 @@ def stats():
 
 
 def thread_loads():
-    """Connections on each data-plane thread (for tests and the debug page)."""
-    return [_planes[i].active for i in range(_plane_count)]
+    """Connections on each data-plane thread made so far, also those above a
+    lowered count (for tests and the debug page)."""
+    return [_planes[i].active for i in range(MAX_PLANES) if _planes[i].made]
 
 
 import os as _os

@@ -149,3 +149,26 @@ def raw_send(tls: ssl.SSLSocket, data: bytes) -> None:
         raw.sendall(data)
     finally:
         raw.close()
+
+
+async def fill_lower_threads(ctx, port: int) -> list[Spliced]:
+    """Idle splices (to the echo server at ``port``) on the data-plane threads
+    but the last, until the last is the least loaded, so that the test's next
+    connection runs there: the many-thread variant of a one-connection test is
+    then not thread 0 again. (Connections a previous test has not seen end
+    yet may still count on some thread.)"""
+    spacers: list[Spliced] = []
+    count = _splice.threads()
+    while count > 1:
+        loads = _splice.thread_loads()[:count]
+        if loads[-1] < min(loads[:-1]):
+            break
+        assert len(spacers) < 64, loads
+        spacers.append(await spliced(ctx, port))
+    return spacers
+
+
+async def release(spacers: list[Spliced]) -> None:
+    for s in spacers:
+        s.sock.close()
+        await s.outcome()

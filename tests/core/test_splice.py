@@ -184,9 +184,11 @@ def test_client_half_close_keeps_the_tail(run, tls_server, client_context, plane
 
     # strict: the client's half-close must reach the instance as close_notify.
     server = tls_server(read_all_then_answer, strict=True)
+    spacer_server = tls_server()
 
     async def main():
         loop = asyncio.get_running_loop()
+        spacers = await splicing.fill_lower_threads(client_context, spacer_server.port)
         sock, _, done, _ = await spliced(client_context, server.port)
         await loop.sock_sendall(sock, b"x" * 100000)
         sock.shutdown(socket.SHUT_WR)
@@ -195,6 +197,7 @@ def test_client_half_close_keeps_the_tail(run, tls_server, client_context, plane
         assert answer[4:] == tail
         assert (await asyncio.wait_for(done, 10))[0] == _splice.CLIENT_CLOSED
         sock.close()
+        await splicing.release(spacers)
 
     run(main)
 
@@ -234,9 +237,11 @@ def test_instance_reset_mid_stream(run, tls_server, client_context, plane_thread
         tls.close()
 
     server = tls_server(reset)
+    spacer_server = tls_server()
 
     async def main():
         loop = asyncio.get_running_loop()
+        spacers = await splicing.fill_lower_threads(client_context, spacer_server.port)
         sock, _, done, calls = await spliced(client_context, server.port)
         await loop.sock_sendall(sock, b"go")
         kind, message = await asyncio.wait_for(done, 10)
@@ -246,6 +251,7 @@ def test_instance_reset_mid_stream(run, tls_server, client_context, plane_thread
         await asyncio.wait_for(recv_all(sock), 5)
         sock.close()
         assert len(calls) == 1
+        await splicing.release(spacers)
 
     before = fd_count()
     run(main)
@@ -257,6 +263,7 @@ def test_client_reset_mid_stream(run, tls_server, client_context, plane_threads)
 
     async def main():
         loop = asyncio.get_running_loop()
+        spacers = await splicing.fill_lower_threads(client_context, server.port)
         # A TCP pair so the client can send a real RST.
         listener = socket.create_server(("127.0.0.1", 0))
         client = socket.create_connection(listener.getsockname())
@@ -274,6 +281,7 @@ def test_client_reset_mid_stream(run, tls_server, client_context, plane_threads)
         kind, message = await asyncio.wait_for(done, 10)
         assert kind in (_splice.ERROR_READ_CLIENT, _splice.ERROR_WRITE_CLIENT)
         assert "reset" in message
+        await splicing.release(spacers)
 
     before = fd_count()
     run(main)
@@ -300,8 +308,10 @@ def test_client_that_stops_reading_applies_backpressure(
         close_notify(tls)
 
     server = tls_server(firehose)
+    spacer_server = tls_server()
 
     async def main():
+        spacers = await splicing.fill_lower_threads(client_context, spacer_server.port)
         s = await splicing.spliced(
             client_context, server.port, proxy_sndbuf=4096, client_rcvbuf=4096
         )
@@ -318,6 +328,7 @@ def test_client_that_stops_reading_applies_backpressure(
         assert await s.outcome() == (_splice.INSTANCE_CLOSED, "")
         stop.set()
         s.sock.close()
+        await splicing.release(spacers)
 
     run(main)
 
@@ -406,7 +417,7 @@ def test_one_gigabyte_checksummed(run, tls_server, client_context, plane_threads
     async def main():
         opened = [await spliced(client_context, server.port) for _ in range(streams)]
         if _splice.threads() == streams:  # native: the least-loaded thread takes each one
-            assert _splice.thread_loads() == [1] * streams
+            assert _splice.thread_loads()[:streams] == [1] * streams
         start = time.monotonic()
         await asyncio.gather(*(one_stream(sock) for sock, _, _, _ in opened))
         print(f"1 GiB echoed over {streams} stream(s) in {time.monotonic() - start:.1f}s")

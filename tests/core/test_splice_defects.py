@@ -11,8 +11,10 @@ default buffers never take; every check compares bytes exactly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
+import random
 import socket
 import struct
 import subprocess
@@ -354,6 +356,116 @@ def test_a_forked_child_gets_its_own_data_plane(run, tls_server, client_context)
     os.close(read_end)
     assert os.waitstatus_to_exitcode(status) == 0, detail
     run(warm)  # and the parent's still does
+
+
+@pytest.mark.parametrize("plane_threads", [4], indirect=True)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_aborts_racing_the_end_on_four_threads(
+    run, tls_server, client_context, plane_threads, seed
+):
+    """200 connections over four threads, each ended by the client (close, or
+    half-close) or the instance, with aborts before, during and after the end:
+    each abort reaches the connection's own thread, on_done runs exactly once
+    for each, every thread's load returns to 0 and every fd is closed."""
+    rnd = random.Random(seed)
+
+    def echo_or_quit(tls):
+        with contextlib.suppress(OSError):
+            while data := tls.recv(65536):
+                tls.sendall(data)
+                if rnd.random() < 0.02:
+                    return  # the instance ends it
+
+    server = tls_server(echo_or_quit)
+
+    async def one():
+        loop = asyncio.get_running_loop()
+        s = await spliced(client_context, server.port, linger=rnd.choice([0.0, 0.05, 1.0]))
+        with contextlib.suppress(OSError):
+            for _ in range(rnd.randrange(4)):
+                await loop.sock_sendall(s.sock, os.urandom(rnd.randrange(1, 100_000)))
+                await asyncio.sleep(rnd.random() * 0.002)
+        how = rnd.random()
+        if how < 0.3:
+            s.splice.abort()
+            s.splice.abort()
+        elif how < 0.6:
+            s.sock.close()
+            s.splice.abort()
+        else:
+            s.sock.shutdown(socket.SHUT_WR)
+            await asyncio.sleep(rnd.random() * 0.01)
+            s.splice.abort()
+        await s.outcome(20)
+        await asyncio.sleep(0.02)
+        s.splice.abort()  # after delivery: nothing happens
+        s.sock.close()
+        return s
+
+    async def main():
+        ended = await asyncio.gather(*(one() for _ in range(200)))
+        await asyncio.sleep(0.05)
+        assert [len(s.calls) for s in ended] == [1] * 200
+        assert _splice.stats()["active"] == 0
+        assert _splice.thread_loads()[:4] == [0, 0, 0, 0]
+
+    before = fd_count()
+    run(main)
+    assert_fds_back_to(before)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.skipif(
+    "libasan" in os.environ.get("LD_PRELOAD", ""),
+    reason="a fork of a threaded process can deadlock in gcc 12's libasan allocator",
+)
+@pytest.mark.parametrize("plane_threads", [4], indirect=True)
+def test_a_forked_child_gets_all_its_threads_afresh(run, tls_server, client_context, plane_threads):
+    """The parent holds a connection on each of four threads when it forks; the
+    child's eight connections are spread over four threads of its own and all
+    work, and the parent's still do."""
+    server = tls_server()
+
+    async def parent():
+        loop = asyncio.get_running_loop()
+        held = [await spliced(client_context, server.port) for _ in range(4)]
+        assert _splice.thread_loads()[:4] == [1, 1, 1, 1]
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+
+                async def child():
+                    loop = asyncio.get_running_loop()
+                    mine = [await spliced(client_context, server.port) for _ in range(8)]
+                    assert _splice.thread_loads()[:4] == [2, 2, 2, 2], _splice.thread_loads()
+                    for i, s in enumerate(mine):
+                        await loop.sock_sendall(s.sock, b"child %d" % i)
+                        got = await asyncio.wait_for(read_slowly(s.sock, limit=7, pause=0), 5)
+                        assert got == b"child %d" % i
+                        s.sock.shutdown(socket.SHUT_WR)
+                        assert (await s.outcome(5))[0] == _splice.CLIENT_CLOSED
+                    return True
+
+                code = 0 if asyncio.run(child()) else 2
+            except BaseException as exc:  # report, never run the parent's pytest on
+                os.write(write_end, repr(exc).encode()[:500])
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        _, status = os.waitpid(pid, 0)
+        detail = os.read(read_end, 1000).decode()
+        os.close(read_end)
+        assert os.waitstatus_to_exitcode(status) == 0, detail
+        for i, s in enumerate(held):
+            await loop.sock_sendall(s.sock, b"parent %d" % i)
+            assert await read_slowly(s.sock, limit=8, pause=0) == b"parent %d" % i
+            s.sock.shutdown(socket.SHUT_WR)
+            assert (await s.outcome(5))[0] == _splice.CLIENT_CLOSED
+            s.sock.close()
+
+    run(parent)
 
 
 # 6. the smaller ones

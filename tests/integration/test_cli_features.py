@@ -171,7 +171,6 @@ def _has_ipv6_loopback() -> bool:
         return False
 
 
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
 def _dataplane_threads(pid: int) -> list[str]:
     names = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -203,6 +202,7 @@ def test_data_plane_threads_spread_connections(start_proxy, port):
     default.wait_for(f"Data plane threads: {min(len(os.sched_getaffinity(0)), 16)}")
 
 
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
 def test_ipv6_listeners(start_proxy, port):
     proxy = start_proxy(URI, "--address", "::1", "--port", str(port))
     assert f"[{SHORT}] Listening on [::1]:{port}" in proxy.output
