@@ -31,10 +31,6 @@ cdef extern from "openssl/err.h" nogil:
 cdef extern from "openssl/bio.h" nogil:
     ctypedef struct BIO
     BIO *BIO_new_mem_buf(const void *buf, int len)
-    ctypedef struct BIO_METHOD
-    BIO *BIO_new(const BIO_METHOD *m)
-    const BIO_METHOD *BIO_s_mem()
-    long BIO_get_mem_data(BIO *b, char **pp)
     int BIO_free(BIO *a)
 
 cdef extern from "openssl/x509.h" nogil:
@@ -53,23 +49,6 @@ cdef extern from "openssl/x509.h" nogil:
 cdef extern from "openssl/pem.h" nogil:
     X509 *PEM_read_bio_X509(BIO *bp, X509 **x, void *cb, void *u)
     EVP_PKEY *PEM_read_bio_PrivateKey(BIO *bp, EVP_PKEY **x, void *cb, void *u)
-    int PEM_write_bio_PrivateKey(BIO *bp, const EVP_PKEY *x, const void *enc,
-                                 const unsigned char *kstr, int klen, void *cb, void *u)
-
-cdef extern from "openssl/rsa.h" nogil:
-    EVP_PKEY *EVP_RSA_gen(unsigned int bits)
-
-cdef extern from "openssl/encoder.h" nogil:
-    ctypedef struct OSSL_ENCODER_CTX
-    OSSL_ENCODER_CTX *OSSL_ENCODER_CTX_new_for_pkey(const EVP_PKEY *pkey, int selection,
-                                                    const char *output_type,
-                                                    const char *output_struct,
-                                                    const char *propquery)
-    int OSSL_ENCODER_to_bio(OSSL_ENCODER_CTX *ctx, BIO *out)
-    void OSSL_ENCODER_CTX_free(OSSL_ENCODER_CTX *ctx)
-
-cdef extern from "openssl/evp.h" nogil:
-    enum: EVP_PKEY_PUBLIC_KEY
 
 cdef extern from "openssl/crypto.h" nogil:
     void OPENSSL_free(void *p)
@@ -200,12 +179,14 @@ cdef extern from "openssl/ssl.h" nogil:
 
 
 cdef extern from "openssl/bio.h" nogil:
+    ctypedef struct BIO_METHOD
     int BIO_get_new_index()
     BIO_METHOD *BIO_meth_new(int type, const char *name)
     int BIO_meth_set_write(BIO_METHOD *m, int (*f)(BIO *, const char *, int) noexcept nogil)
     int BIO_meth_set_read(BIO_METHOD *m, int (*f)(BIO *, char *, int) noexcept nogil)
     int BIO_meth_set_ctrl(BIO_METHOD *m, long (*f)(BIO *, int, long, void *) noexcept nogil)
     int BIO_meth_set_create(BIO_METHOD *m, int (*f)(BIO *) noexcept nogil)
+    BIO *BIO_new(const BIO_METHOD *m)
     void BIO_set_data(BIO *b, void *ptr)
     void *BIO_get_data(BIO *b)
     void BIO_set_init(BIO *b, int init)
