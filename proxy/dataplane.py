@@ -1,6 +1,6 @@
 """Which data plane moves the bytes: the native core or the portable one.
 
-``plane`` is ``proxy._splice`` (Cython and OpenSSL on a native thread: the
+``plane`` is ``proxy._splice`` (Cython and OpenSSL on native threads: the
 binary wheel and source builds) or ``proxy.portable`` (the ``ssl`` module on
 the event loop: the pure-Python wheel). Both have the same names. The choice
 is made once per process, from ``ALLOYDB_AUTH_PROXY_DATA_PLANE``:
