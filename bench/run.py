@@ -485,8 +485,15 @@ def connect_to_first_query(port: int, count: int) -> float:
     return statistics.median(samples) * 1000.0
 
 
-def idle_rss(port: int, pid: int, n: int, hello: bytes = b"") -> dict[str, float]:
-    """Open n idle tunnels (each proven by a 1-byte echo); delta RSS per connection."""
+def idle_rss(
+    port: int, pid: int, n: int, hello: bytes = b"", held: list[socket.socket] | None = None
+) -> dict[str, float]:
+    """Open n idle tunnels (each proven by a 1-byte echo); delta RSS per connection.
+
+    With ``held``, the tunnels stay open and are appended there: the caller
+    closes them after the next measurement, which then cannot reuse the
+    memory these freed (the relay's allocator keeps it, and RSS would not
+    grow for the next n at all)."""
     time.sleep(1.0)
     before = rss_kib(pid)
     socks: list[socket.socket] = []
@@ -502,9 +509,12 @@ def idle_rss(port: int, pid: int, n: int, hello: bytes = b"") -> dict[str, float
         time.sleep(1.0)
         after = rss_kib(pid)
     finally:
-        for s in socks:
-            s.close()
-    time.sleep(2.0)  # let the relay tear them down before the next path
+        if held is None:
+            for s in socks:
+                s.close()
+            time.sleep(2.0)  # let the relay tear them down before the next path
+        else:
+            held.extend(socks)
     return {
         "rss_before_kib": before,
         "rss_after_kib": after,
@@ -1136,7 +1146,8 @@ def main() -> int:
 
         if "rss" not in skip:
             for r in RELAYS:
-                res = idle_rss(ports[r]["echo"], relay_pid[r], idle_n)
+                held: list[socket.socket] = []
+                res = idle_rss(ports[r]["echo"], relay_pid[r], idle_n, held=held)
                 add(r, "rss_kib_per_conn", res["kib_per_conn"])
                 log(f"{r:14s} idle RSS {res['rss_before_kib']} → {res['rss_after_kib']} KiB: "
                     f"{res['kib_per_conn']:.1f} KiB/conn")  # fmt: skip
@@ -1144,6 +1155,9 @@ def main() -> int:
                 add(r, "emu_rss_kib_per_conn", res["kib_per_conn"])
                 log(f"{r:14s} idle RSS against the emulator's server {res['rss_before_kib']} → "
                     f"{res['rss_after_kib']} KiB: {res['kib_per_conn']:.1f} KiB/conn")  # fmt: skip
+                for s in held:
+                    s.close()
+                time.sleep(2.0)  # let the relay tear them down before the next path
 
         if "concurrent" not in skip:
             for r in ("ours", "go"):
