@@ -4,7 +4,8 @@ Generating it takes 30-130 ms here, and OpenSSL does it without the GIL, so
 the CLI starts it on a thread before importing the rest of the proxy: by the
 time the listeners are open it is usually done, and start-up does not wait.
 The cryptography package (about 20 ms to import) is imported on that thread
-too, not on the main thread's path to the ready line. (Making the key with
+too, not on the main thread's path to the ready line (on the native plane;
+the portable one imports it anyway). (Making the key with
 the native core's OpenSSL instead was measured and dropped: Debian 12's
 OpenSSL 3.0 took 140 ms per key, median of 20, against 37 ms for the
 OpenSSL that cryptography ships.)

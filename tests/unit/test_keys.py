@@ -3,12 +3,16 @@ Admin API is sent), made off the main thread's start-up path."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
 
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from proxy import dataplane
 from proxy.keys import KeyPair
 
 
@@ -24,19 +28,32 @@ def test_a_key_pair_is_rsa_2048_and_its_halves_match():
     assert KeyPair.generate().private_pem != pair.private_pem
 
 
+@pytest.mark.skipif(dataplane.NAME != "native", reason="the portable plane uses cryptography")
 def test_the_start_up_path_imports_neither_cryptography_nor_requests():
     """The CLI's imports up to the supervisor leave cryptography to the key's
-    thread and requests to the first Admin API call."""
+    thread and requests to the first Admin API call (native plane)."""
     code = (
         "import sys; import proxy.cli, proxy.eventloop, proxy.supervisor, proxy.keys;"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('cryptography', 'requests')))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = {**os.environ, "ALLOYDB_AUTH_PROXY_DATA_PLANE": "native"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
     assert out.stdout.strip() == "[]"
 
 
-def test_the_key_is_made_on_its_own_thread():
-    from proxy.keys import generate_in_background
+def test_the_key_is_made_on_its_own_thread(monkeypatch):
+    from proxy import keys
 
-    pair = generate_in_background().result(timeout=30)
+    made_on: list[str] = []
+    original = KeyPair.generate.__func__
+
+    def generate(cls):
+        made_on.append(threading.current_thread().name)
+        return original(cls)
+
+    monkeypatch.setattr(KeyPair, "generate", classmethod(generate))
+    pair = keys.generate_in_background().result(timeout=30)
     assert pair.public_pem.startswith("-----BEGIN RSA PUBLIC KEY-----\n")
+    assert len(made_on) == 1 and made_on[0].startswith("rsa-keygen")

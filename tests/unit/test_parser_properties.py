@@ -210,8 +210,19 @@ def test_go_duration_parser_returns_seconds_or_a_go_error(value):
 
 
 @given(value=st.text(max_size=10))
+@example(value="True")
+@example(value="F")
 def test_go_bools_are_true_false_or_invalid_syntax(value):
     try:
-        parse_go_bool(value)
+        parsed = parse_go_bool(value)
     except ValueError as exc:
         assert "invalid syntax" in str(exc)
+        assert value not in GO_TRUE | GO_FALSE
+    else:
+        assert parsed is (value in GO_TRUE)
+        assert value in GO_TRUE | GO_FALSE
+
+
+# strconv.ParseBool's spellings, written out here rather than imported
+GO_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
+GO_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
