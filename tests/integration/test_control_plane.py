@@ -19,7 +19,7 @@ from proxy.emulator import Emulator
 
 from .conftest import TOKEN_APP, URI, psql
 from .fakes import TokensByPrefix, service_account_info
-from .proxyproc import ProxyProcess
+from .proxyproc import ProxyProcess, free_port_block
 
 SHORT = "project-id.us-central1.clust.inst"
 FAILED = re.escape(f"[{SHORT}] failed to connect to instance")
@@ -62,9 +62,10 @@ def cert_requests(emulator) -> int:
     return sum(1 for r in emulator.admin_requests if r.path.endswith(":generateClientCertificate"))
 
 
-def test_slow_clusters_do_not_stall_a_healthy_instance(pg, proxy_for, fakes, tmp_path, port):
+def test_slow_clusters_do_not_stall_a_healthy_instance(pg, proxy_for, fakes, tmp_path):
     """Admin API calls for eight slow clusters are in flight; the healthy instance's
     first connection (token from a refreshing source) must not wait behind them."""
+    port = free_port_block(9)  # nine listeners (the port fixture checks four)
     emu = Emulator(postgres_host=pg.host, postgres_port=pg.port, tokens=TokensByPrefix(fakes))
     emu.add_instance(URI)
     slow = [URI.replace("clust/instances/inst", f"slow{n}/instances/i") for n in range(8)]
