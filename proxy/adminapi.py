@@ -211,7 +211,7 @@ class AdminAPIClient:
     def _decode(status: int, raw: bytes) -> dict[str, Any]:
         try:
             body = json.loads(raw) if raw else {}
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON, or not UTF-8/16/32 text at all
             body = None
         if 200 <= status < 300:
             if not isinstance(body, dict):

@@ -407,7 +407,7 @@ def test_aborts_racing_the_end_on_four_threads(
         await asyncio.sleep(0.05)
         assert [len(s.calls) for s in ended] == [1] * 200
         assert _splice.stats()["active"] == 0
-        assert _splice.thread_loads()[:4] == [0, 0, 0, 0]
+        assert sum(_splice.thread_loads()) == 0
 
     before = fd_count()
     run(main)
@@ -424,6 +424,8 @@ def test_a_forked_child_gets_all_its_threads_afresh(run, tls_server, client_cont
     """The parent holds a connection on each of four threads when it forks; the
     child's eight connections are spread over four threads of its own and all
     work, and the parent's still do."""
+    if _splice.threads() < 4:
+        pytest.skip("the portable plane has no threads of its own")
     server = tls_server()
 
     async def parent():

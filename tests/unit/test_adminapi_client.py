@@ -110,3 +110,19 @@ def test_error_reasons_for_the_metric_come_from_the_details(error, codes):
     assert str(caught.value).startswith(f"googleapi: Error {error['code']}: m") or "Quota" in str(
         caught.value
     )
+
+
+@pytest.mark.parametrize(
+    ("status", "raw", "message"),
+    [
+        (200, b"\xff\xfe garbage", "response is not a JSON object"),  # not UTF-8 (found by fuzzing)
+        (200, b"[1, 2]", "response is not a JSON object"),
+        (503, b"\xff upstream down", "upstream down"),
+    ],
+)
+def test_answers_that_are_not_json_objects_are_api_errors(status, raw, message):
+    from proxy.errors import AdminAPIError
+
+    with pytest.raises(AdminAPIError) as caught:
+        AdminAPIClient._decode(status, raw)
+    assert caught.value.status == status and message in str(caught.value)
