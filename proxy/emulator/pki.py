@@ -117,11 +117,15 @@ class ClusterCA:
         *,
         key: rsa.RSAPrivateKey | None = None,
         signer: ClusterCA | None = None,
+        not_after: dt.datetime | None = None,
     ) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
-        """A server certificate; ``signer`` lets a fault sign it with another CA."""
+        """A server certificate; ``signer`` lets a fault sign it with another CA,
+        ``not_after`` (in the past) lets a test present an expired one."""
         key = key or new_key()
         signer = signer or self
         now = dt.datetime.now(dt.timezone.utc)
+        if not_after is None:
+            not_after = now + dt.timedelta(days=365)
         sans: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
         sans += [x509.DNSName(name.rstrip(".")) for name in dns_names]
         cert = (
@@ -130,8 +134,8 @@ class ClusterCA:
             .issuer_name(signer.root.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _SKEW)
-            .not_valid_after(now + dt.timedelta(days=365))
+            .not_valid_before(min(now, not_after) - _SKEW)
+            .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(key_encipherment=True), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

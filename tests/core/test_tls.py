@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import socket
+import ssl
 
 import pytest
 
 from proxy import tlsconn
 from proxy.dataplane import plane as _splice
+from proxy.emulator.pki import key_pem, pem
+
+from .conftest import TLSServer, echo
 
 
 async def tcp_fd(port):
@@ -85,6 +90,32 @@ def test_tls12_server_refused(run, tls_server, client_context):
             await connect(client_context, server.port)
 
     run(main)
+
+
+def test_expired_server_certificate_refused(run, pki, tmp_path):
+    """A server certificate from the cluster's own CA, for the right address, but
+    expired an hour ago: the handshake fails on the date, not on anything else."""
+    ca = pki["ca"]
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
+    cert, key = ca.server_certificate(["127.0.0.1"], [], "expired", not_after=past)
+    (tmp_path / "server.pem").write_bytes(pem(cert).encode() + ca.root_pem.encode())
+    (tmp_path / "server.key").write_bytes(key_pem(key))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    ctx.load_verify_locations(pki["files"]["root.pem"])
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    server = TLSServer(ctx, echo)
+    client = _splice.TLSClientContext(pki["chain"], pki["key"], ca.root_pem.encode())
+
+    async def main():
+        with pytest.raises(_splice.TLSError, match="certificate has expired"):
+            await connect(client, server.port)
+
+    try:
+        run(main)
+    finally:
+        server.close()
 
 
 def test_bad_pem_is_value_error(pki):
