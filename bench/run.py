@@ -642,40 +642,13 @@ METRICS: list[tuple[str, str, str, str, str, Check | None]] = [
     ("download_cpu_s_per_gb", "  … server→client only", "s/GB", "lower", "", None),
 ]
 for _p in PARALLEL:
-    METRICS += [
-        (
-            f"up_p{_p}_mbps",
-            f"{_p} parallel streams client→server, in all",
-            "MB/s",
-            "higher",
-            "≥ 1.5× Go",
-            lambda o, g: o >= 1.5 * g,
-        ),
-        (
-            f"up_p{_p}_cores",
-            "  … relay cores busy",
-            "cores",
-            "",
-            "> 1.0" if _p > 1 else "",
-            (lambda o, g: o > 1.0) if _p > 1 else None,
-        ),
-        (
-            f"down_p{_p}_mbps",
-            f"{_p} parallel streams server→client, in all",
-            "MB/s",
-            "higher",
-            "≥ 1.5× Go",
-            lambda o, g: o >= 1.5 * g,
-        ),
-        (
-            f"down_p{_p}_cores",
-            "  … relay cores busy",
-            "cores",
-            "",
-            "> 1.0" if _p > 1 else "",
-            (lambda o, g: o > 1.0) if _p > 1 else None,
-        ),
-    ]
+    for _key, _way in (("up", "client→server"), ("down", "server→client")):
+        METRICS += [
+            (f"{_key}_p{_p}_mbps", f"{_p} parallel streams {_way}, in all", "MB/s", "higher",
+             "≥ 1.5× Go", lambda o, g: o >= 1.5 * g),
+            (f"{_key}_p{_p}_cores", "  … relay cores busy", "cores", "",
+             "> 1.0" if _p > 1 else "", (lambda o, g: o > 1.0) if _p > 1 else None),
+        ]  # fmt: skip
 METRICS += [
     ("p4_cpu_s_per_gb", "relay CPU-s per GB at 4 streams (both directions)", "s/GB", "lower",
      "≤ 0.65× Go", lambda o, g: o <= 0.65 * g),

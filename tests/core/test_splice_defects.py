@@ -315,6 +315,26 @@ def test_copies_of_the_fds_in_a_child_do_not_reach_the_thread(run, tls_server, c
     run(main)
 
 
+def run_in_fork(child) -> None:
+    """Run the coroutine function ``child`` in a forked child with a loop of its
+    own; fail here, with the child's exception, unless it returned True."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = 0 if asyncio.run(child()) else 2
+        except BaseException as exc:  # report, never run the parent's pytest on
+            os.write(write_end, repr(exc).encode()[:500])
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    detail = os.read(read_end, 1000).decode()
+    os.close(read_end)
+    assert os.waitstatus_to_exitcode(status) == 0, detail
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 @pytest.mark.skipif(
     "libasan" in os.environ.get("LD_PRELOAD", ""),
@@ -329,32 +349,17 @@ def test_a_forked_child_gets_its_own_data_plane(run, tls_server, client_context)
         await s.outcome()
         s.sock.close()
 
+    async def child():
+        loop = asyncio.get_running_loop()
+        s = await spliced(client_context, server.port)
+        await loop.sock_sendall(s.sock, b"from the child")
+        got = await asyncio.wait_for(read_slowly(s.sock, limit=14, pause=0), 5)
+        s.sock.shutdown(socket.SHUT_WR)
+        kind, _ = await s.outcome(5)
+        return got == b"from the child" and kind == _splice.CLIENT_CLOSED
+
     run(warm)  # the parent's thread runs
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-
-            async def child():
-                loop = asyncio.get_running_loop()
-                s = await spliced(client_context, server.port)
-                await loop.sock_sendall(s.sock, b"from the child")
-                got = await asyncio.wait_for(read_slowly(s.sock, limit=14, pause=0), 5)
-                s.sock.shutdown(socket.SHUT_WR)
-                kind, _ = await s.outcome(5)
-                return got == b"from the child" and kind == _splice.CLIENT_CLOSED
-
-            code = 0 if asyncio.run(child()) else 2
-        except BaseException as exc:  # report, never run the parent's pytest on
-            os.write(write_end, repr(exc).encode()[:500])
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    _, status = os.waitpid(pid, 0)
-    detail = os.read(read_end, 1000).decode()
-    os.close(read_end)
-    assert os.waitstatus_to_exitcode(status) == 0, detail
+    run_in_fork(child)
     run(warm)  # and the parent's still does
 
 
@@ -432,34 +437,20 @@ def test_a_forked_child_gets_all_its_threads_afresh(run, tls_server, client_cont
         loop = asyncio.get_running_loop()
         held = [await spliced(client_context, server.port) for _ in range(4)]
         assert _splice.thread_loads()[:4] == [1, 1, 1, 1]
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
 
-                async def child():
-                    loop = asyncio.get_running_loop()
-                    mine = [await spliced(client_context, server.port) for _ in range(8)]
-                    assert _splice.thread_loads()[:4] == [2, 2, 2, 2], _splice.thread_loads()
-                    for i, s in enumerate(mine):
-                        await loop.sock_sendall(s.sock, b"child %d" % i)
-                        got = await asyncio.wait_for(read_slowly(s.sock, limit=7, pause=0), 5)
-                        assert got == b"child %d" % i
-                        s.sock.shutdown(socket.SHUT_WR)
-                        assert (await s.outcome(5))[0] == _splice.CLIENT_CLOSED
-                    return True
+        async def child():
+            loop = asyncio.get_running_loop()
+            mine = [await spliced(client_context, server.port) for _ in range(8)]
+            assert _splice.thread_loads()[:4] == [2, 2, 2, 2], _splice.thread_loads()
+            for i, s in enumerate(mine):
+                await loop.sock_sendall(s.sock, b"child %d" % i)
+                got = await asyncio.wait_for(read_slowly(s.sock, limit=7, pause=0), 5)
+                assert got == b"child %d" % i
+                s.sock.shutdown(socket.SHUT_WR)
+                assert (await s.outcome(5))[0] == _splice.CLIENT_CLOSED
+            return True
 
-                code = 0 if asyncio.run(child()) else 2
-            except BaseException as exc:  # report, never run the parent's pytest on
-                os.write(write_end, repr(exc).encode()[:500])
-            finally:
-                os._exit(code)
-        os.close(write_end)
-        _, status = os.waitpid(pid, 0)
-        detail = os.read(read_end, 1000).decode()
-        os.close(read_end)
-        assert os.waitstatus_to_exitcode(status) == 0, detail
+        run_in_fork(child)
         for i, s in enumerate(held):
             await loop.sock_sendall(s.sock, b"parent %d" % i)
             assert await read_slowly(s.sock, limit=8, pause=0) == b"parent %d" % i

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 
@@ -45,24 +46,37 @@ def mdx_length(data: bytes) -> None:
         mdx.body_length(data[:4])
 
 
-def pg_startup(data: bytes) -> None:
-    """The startup packets read under AUTO_IAM, from a client that sends data and closes."""
+def read_startup_from(data: bytes) -> tuple[bytes | None, bytes, str]:
+    """What pgstartup.read_startup returns for a client that sends ``data`` and
+    closes: (packet or None, the bytes the proxy answered, "left" if the client
+    went away first)."""
 
-    async def run() -> None:
-        import socket
-
+    async def run() -> tuple[bytes | None, bytes, str]:
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         with ours, theirs:
             theirs.sendall(data)
             theirs.shutdown(socket.SHUT_WR)
             try:
-                packet = await asyncio.wait_for(pgstartup.read_startup(ours), 5)
+                packet: bytes | None = await asyncio.wait_for(pgstartup.read_startup(ours), 5)
+                outcome = ""
             except pgstartup.ClientLeft:
-                return
-            pgstartup.iam_user_hint(pgstartup.startup_user(packet))
+                packet, outcome = None, "left"
+            theirs.setblocking(False)
+            try:
+                answered = theirs.recv(65536)
+            except BlockingIOError:
+                answered = b""
+            return packet, answered, outcome
 
-    asyncio.run(run())
+    return asyncio.run(run())
+
+
+def pg_startup(data: bytes) -> None:
+    """The startup packets read under AUTO_IAM."""
+    packet, _, _ = read_startup_from(data)
+    if packet is not None:
+        pgstartup.iam_user_hint(pgstartup.startup_user(packet))
 
 
 def instance_argument(data: bytes) -> None:

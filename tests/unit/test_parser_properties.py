@@ -8,9 +8,7 @@ smallest failing input when one fails; the budget is hypothesis' default.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import socket
 import struct
 
 from hypothesis import example, given, settings
@@ -20,6 +18,7 @@ from proxy import mdx, pgstartup
 from proxy.config import parse_instance_arg
 from proxy.errors import BadCommandError
 from proxy.settings import format_go_duration, parse_go_bool, parse_go_duration
+from tests.fuzz.targets import read_startup_from
 
 text = st.text(max_size=200)
 # Field values of the metadata exchange: any string, any enum value a varint holds.
@@ -90,31 +89,6 @@ def test_mdx_length_prefix_is_bounded(header):
 # -- the PostgreSQL startup packets read under AUTO_IAM -----------------------
 
 
-def _read_startup(data: bytes) -> tuple[bytes | None, bytes, str]:
-    """What read_startup returns for a client that sends ``data`` and closes:
-    (packet or None, bytes the proxy answered, "left" if the client went away)."""
-
-    async def run() -> tuple[bytes | None, bytes, str]:
-        ours, theirs = socket.socketpair()
-        ours.setblocking(False)
-        with ours, theirs:
-            theirs.sendall(data)
-            theirs.shutdown(socket.SHUT_WR)
-            try:
-                packet = await asyncio.wait_for(pgstartup.read_startup(ours), 5)
-                outcome = ""
-            except pgstartup.ClientLeft:
-                packet, outcome = None, "left"
-            theirs.setblocking(False)
-            try:
-                answered = theirs.recv(65536)
-            except BlockingIOError:
-                answered = b""
-            return packet, answered, outcome
-
-    return asyncio.run(run())
-
-
 # What a StartupMessage parameter can hold: UTF-8 text without NUL.
 pg_char = st.characters(blacklist_categories=("Cs",), blacklist_characters="\0")
 ssl_request = struct.pack(">II", 8, pgstartup.SSL_REQUEST)
@@ -133,7 +107,7 @@ def test_startup_after_encryption_requests_is_returned_whole(requests, params):
     startup = struct.pack(">II", 8 + len(body), pgstartup.PROTOCOL_3) + body
     if len(startup) > pgstartup.MAX_STARTUP:
         return
-    packet, answered, outcome = _read_startup(b"".join(requests) + startup)
+    packet, answered, outcome = read_startup_from(b"".join(requests) + startup)
     assert (packet, outcome) == (startup, "")
     assert answered == b"N" * len(requests)
     assert pgstartup.startup_user(packet) == params.get("user")
@@ -144,7 +118,7 @@ def test_startup_after_encryption_requests_is_returned_whole(requests, params):
 @example(data=struct.pack(">II", 0xFFFFFFFF, pgstartup.PROTOCOL_3))  # a huge length
 @example(data=struct.pack(">II", 4, pgstartup.PROTOCOL_3))  # shorter than its header
 def test_any_client_bytes_give_a_packet_or_client_left(data):
-    packet, _, outcome = _read_startup(data)
+    packet, _, outcome = read_startup_from(data)
     if outcome == "left":
         assert packet is None
     else:
