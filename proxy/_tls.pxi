@@ -112,15 +112,7 @@ cdef class TLSClientContext:
             self.ctx = NULL
 
 
-cdef str _server_name_problem(str name):
-    """Why ``name`` cannot be checked against the server certificate ('' if it can)."""
-    if not name:
-        return "empty"
-    if "%" in name:
-        return "a scoped address (with %) cannot be verified"
-    if any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in name):
-        return "control characters, spaces or NUL"
-    return ""
+from proxy.servername import server_name_problem as _server_name_problem
 
 
 cdef bint _is_ip(str name):

@@ -37,6 +37,8 @@ from typing import Any, cast
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from proxy.servername import server_name_problem
+
 CLIENT_CLOSED = 0
 INSTANCE_CLOSED = 1
 ERROR_READ_CLIENT = 2
@@ -178,16 +180,6 @@ def _load_chain(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
         raise ValueError(f"cannot load the client certificate: {exc}") from None
 
 
-def _server_name_problem(name: str) -> str:
-    if not name:
-        return "empty"
-    if "%" in name:
-        return "a scoped address (with %) cannot be verified"
-    if any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in name):
-        return "control characters, spaces or NUL"
-    return ""
-
-
 class TLSConnection:
     """A non-blocking TLS 1.3 client on a socket fd that it owns."""
 
@@ -197,7 +189,7 @@ class TLSConnection:
         self.sock = socket.socket(fileno=fd)
         name = server_name.rstrip(".")
         self.server_name = name
-        problem = _server_name_problem(name)
+        problem = server_name_problem(name)
         if problem:
             self.close()
             raise TLSError(f"invalid server name {name!r}: {problem}")
