@@ -57,6 +57,7 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
 
 from proxy.emulator import Emulator, PostgresCluster  # noqa: E402
+from proxy.emulator.echo import echo_backend  # noqa: E402
 
 T = TypeVar("T")
 # What the command imports on its main thread before the ready line.
@@ -231,40 +232,6 @@ def go_build() -> dict[str, str]:
         )
         out[name] = binary
     return out
-
-
-def echo_backend() -> tuple[int, Callable[[], None]]:
-    """A plain TCP echo server on 127.0.0.1 (the emu-echo instance's backend),
-    on its own thread and loop; (port, stop)."""
-    import asyncio
-
-    started = threading.Event()
-    state: dict[str, Any] = {}
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    async def serve() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=4096)
-        state["port"] = server.sockets[0].getsockname()[1]
-        state["loop"], state["stop"] = asyncio.get_running_loop(), asyncio.Event()
-        started.set()
-        await state["stop"].wait()
-        server.close()
-
-    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
-    thread.start()
-    started.wait(30)
-
-    def stop() -> None:
-        state["loop"].call_soon_threadsafe(state["stop"].set)
-        thread.join(10)
-
-    return state["port"], stop
 
 
 def in_child(fn: Callable[..., T], *args: Any) -> T:

@@ -26,6 +26,7 @@ import dataclasses
 import datetime as dt
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -73,6 +74,7 @@ class AdminRequest:
     user_agent: str
     body: dict[str, Any] | None
     headers: dict[str, str] = field(default_factory=dict)  # lower-case names
+    at: float = field(default_factory=time.monotonic)  # when it arrived
 
 
 class HttpError(Exception):
@@ -82,12 +84,14 @@ class HttpError(Exception):
         message: str,
         reason: str | None = None,
         headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.reason = reason  # the ErrorInfo reason in ``details``
         self.headers = headers or {}
+        self.raw = raw  # a body to send as it is instead of the JSON error
 
 
 def _phrase(status: int) -> str:
@@ -257,13 +261,14 @@ class AdminAPIServer:
                         return
                     method, target, headers, raw = request
                     extra: dict[str, str] = {}
+                    raw_body: bytes | None = None
                     try:
                         status, body = await self._handle(
                             method, _decoded_path(target), headers, raw
                         )
                     except HttpError as exc:  # an API error: the connection stays usable
                         status, body = exc.status, error_body(exc.status, exc.message, exc.reason)
-                        extra = exc.headers
+                        extra, raw_body = exc.headers, exc.raw
                     keep_alive = headers.get("connection", "").lower() != "close" and (
                         headers["_version"] != "HTTP/1.0"
                         or headers.get("connection", "").lower() == "keep-alive"
@@ -275,8 +280,8 @@ class AdminAPIServer:
                         error_body(exc.status, exc.message),
                         False,
                     )
-                    extra = {}
-                payload = json.dumps(body).encode()
+                    extra, raw_body = {}, None
+                payload = json.dumps(body).encode() if raw_body is None else raw_body
                 head = (
                     f"HTTP/1.1 {status} {_phrase(status)}\r\n"
                     "Content-Type: application/json; charset=UTF-8\r\n"
@@ -359,6 +364,8 @@ class AdminAPIServer:
             status = faults.take_admin_status(kind)
             if status is None:
                 continue
+            if status == 200:  # admin_malformed: a reply cut off inside its JSON
+                raise HttpError(200, "malformed", raw=b'{"pemCertificateChain": ["-----BEGIN')
             if status == 429:
                 retry_after = next(
                     (

@@ -211,6 +211,20 @@ class Emulator:
             if server is not None and contexts is not None:
                 server.install(contexts)
 
+    def restart_instance(self, uri: str, *, down_for: float = 0.0) -> None:
+        """Restart the instance's server as a maintenance restart would: every open
+        connection is aborted, the port refuses for ``down_for`` seconds, then it
+        serves again with the same identity. Returns once it serves again."""
+        server = self._servers[uri]
+
+        async def restart() -> None:
+            await server.stop()
+            await asyncio.sleep(down_for)
+            await server.start()
+
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(restart(), self._loop).result(60 + down_for)
+
     def server_identity(self, inst: Instance) -> tuple[str, bytes]:
         """A server certificate chain (PEM) and key (PKCS#8 PEM) valid for the instance."""
         dns = [inst.psc_dns_name] if inst.psc_dns_name else []

@@ -12,6 +12,8 @@ Admin API:
   admin_status_count    answer it only this many times, then behave (None = until cleared)
   admin_status_method   "connectionInfo", "generateClientCertificate" or None for both
   admin_retry_after     with admin_status 429: the Retry-After header's seconds (None = no header)
+  admin_malformed       answer 200 with a body cut off inside its JSON (counted by
+                        admin_status_count and limited by admin_status_method like admin_status)
   admin_latency         seconds to wait before answering
   cert_lifetime         seconds the issued client certificates live (None = as requested)
   no_private_ip         connectionInfo omits ipAddress (a PSC-only or public-only instance)
@@ -43,6 +45,7 @@ class Faults:
     admin_status_count: int | None = None
     admin_status_method: str | None = None
     admin_retry_after: int | None = None
+    admin_malformed: bool = False
     admin_latency: float = 0.0
     cert_lifetime: float | None = None
     no_private_ip: bool = False
@@ -91,9 +94,10 @@ class Faults:
             return {name: getattr(self, name) for name in self.names()}
 
     def take_admin_status(self, method: str) -> int | None:
-        """The status to inject for this call, counting it down; None = answer normally."""
+        """The status to inject for this call, counting it down; None = answer
+        normally; 200 = answer with a malformed body (admin_malformed)."""
         with self._lock:
-            if self.admin_status is None:
+            if self.admin_status is None and not self.admin_malformed:
                 return None
             if self.admin_status_method not in (None, method):
                 return None
@@ -101,4 +105,4 @@ class Faults:
                 if self.admin_status_count <= 0:
                     return None
                 self.admin_status_count -= 1
-            return self.admin_status
+            return 200 if self.admin_malformed else self.admin_status
