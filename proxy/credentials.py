@@ -188,6 +188,14 @@ def _seconds_left(token: Token, now: dt.datetime) -> float | None:
     return None if token.expiry is None else (token.expiry - now).total_seconds()
 
 
+def _library_message(exc: Exception) -> str:
+    """google-auth's own message: its RefreshError carries (message, response body),
+    whose str() is a tuple's repr, and words an absent error description as None."""
+    if len(exc.args) > 1 and isinstance(exc.args[0], str):
+        return exc.args[0].removesuffix(": None")
+    return str(exc)
+
+
 class GoogleAuthTokenSource(_RefreshingTokenSource):
     """Wraps a google-auth ``Credentials`` object."""
 
@@ -212,7 +220,7 @@ class GoogleAuthTokenSource(_RefreshingTokenSource):
 
     def _explain(self, exc: Exception) -> str:
         """The failure, the URL it concerns when we can tell, and a hint where one helps."""
-        text = str(exc)
+        text = _library_message(exc)
         message = f"failed to get an OAuth2 token ({self.origin}): {text}"
         source = self._info.get("credential_source") or {}
         lowered = text.lower()
