@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 # golang-go builds the Go baseline of the benchmark, whose smoke run is a test.
 # iproute2 and util-linux (unshare) give the small-buffer tests their own network
 # namespace; gcc brings libasan for the AddressSanitizer run of the core.
-APT_PACKAGES=(postgresql postgresql-client postgresql-contrib libssl-dev gcc util-linux iproute2 procps golang-go)
+# faketime moves the wall clock of one proxy for the clock-jump row of the fault matrix.
+APT_PACKAGES=(postgresql postgresql-client postgresql-contrib libssl-dev gcc util-linux iproute2 procps golang-go faketime)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

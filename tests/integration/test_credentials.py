@@ -31,13 +31,13 @@ def home(tmp_path):
 def run_proxy(cred_emulator, home):
     started = []
 
-    def start(*args, env=None, ready=True, **kwargs):
+    def start(*args, env=None, ready=True, instance=URI, **kwargs):
         full_env = {"HOME": str(home), "CLOUDSDK_CONFIG": str(home / "gcloud")}
         full_env.update(env or {})
         port = free_port_block(2)
         proc = ProxyProcess(
             [
-                URI,
+                instance,
                 *args,
                 "--port",
                 str(port),
