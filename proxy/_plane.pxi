@@ -885,11 +885,15 @@ def threads():
     return _plane_count
 
 
-cdef plane_t *_least_loaded():
-    cdef plane_t *best = &_planes[0]
+cdef plane_t *_least_loaded(bint running_only):
+    """The thread with the fewest connections (of the running ones only, if asked;
+    NULL when none runs)."""
+    cdef plane_t *best = NULL
     cdef int i
-    for i in range(1, _plane_count):
-        if _planes[i].active < best.active:
+    for i in range(_plane_count):
+        if running_only and not _planes[i].running:
+            continue
+        if best == NULL or _planes[i].active < best.active:
             best = &_planes[i]
     return best
 
@@ -922,17 +926,14 @@ cdef plane_t *_plane_for_new_connection() except NULL:
     if _done.done_fd >= 0 and _done.pid != getpid():
         _plane_forget_parent()  # forked without os.fork (no at-fork hook ran)
     set_threads(_plane_count)   # makes what a fork closed
-    cdef plane_t *p = _least_loaded()
-    cdef plane_t *running = NULL
-    cdef int i
+    cdef plane_t *p = _least_loaded(False)
+    cdef plane_t *running
     try:
         _plane_start(p)
     except OSError:
         # No new thread now (e.g. a thread limit): the least-loaded running one
         # takes the connection, if there is one; the next start tries again.
-        for i in range(_plane_count):
-            if _planes[i].running and (running == NULL or _planes[i].active < running.active):
-                running = &_planes[i]
+        running = _least_loaded(True)
         if running == NULL:
             raise
         p = running
