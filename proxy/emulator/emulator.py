@@ -129,6 +129,7 @@ class Emulator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._postgres_loopback: bool | None = None
+        self._restarting = threading.Lock()
 
     # ---- set-up ---------------------------------------------------------
 
@@ -212,9 +213,10 @@ class Emulator:
                 server.install(contexts)
 
     def restart_instance(self, uri: str, *, down_for: float = 0.0) -> None:
-        """Restart the instance's server as a maintenance restart would: every open
-        connection is aborted, the port refuses for ``down_for`` seconds, then it
-        serves again with the same identity. Returns once it serves again."""
+        """Restart the instance's server as a maintenance restart would: every
+        connection past its TLS handshake is aborted, the port refuses for
+        ``down_for`` seconds, then it serves again with the same identity.
+        Returns once it serves again; restarts of one emulator run one at a time."""
         server = self._servers[uri]
 
         async def restart() -> None:
@@ -223,7 +225,8 @@ class Emulator:
             await server.start()
 
         assert self._loop is not None
-        asyncio.run_coroutine_threadsafe(restart(), self._loop).result(60 + down_for)
+        with self._restarting:
+            asyncio.run_coroutine_threadsafe(restart(), self._loop).result(60 + down_for)
 
     def server_identity(self, inst: Instance) -> tuple[str, bytes]:
         """A server certificate chain (PEM) and key (PKCS#8 PEM) valid for the instance."""

@@ -281,6 +281,23 @@ def test_forced_status_per_method_and_any_code(emulator):
         emulator.faults.set(admin_status_method="bogus")
 
 
+def test_malformed_answer_counts_down(emulator):
+    emulator.faults.set(admin_malformed=True, admin_status_count=1)
+    resp = call(emulator, "GET", f"/v1beta/{URI}/connectionInfo")
+    assert resp.status_code == 200
+    with pytest.raises(ValueError):
+        resp.json()
+    assert call(emulator, "GET", f"/v1beta/{URI}/connectionInfo").json()["ipAddress"]
+
+
+def test_request_log_has_arrival_times(emulator):
+    before = time.monotonic()
+    emulator.faults.set(admin_latency=0.3)
+    call(emulator, "GET", f"/v1beta/{URI}/connectionInfo")
+    (logged,) = list(emulator.admin_requests)
+    assert before <= logged.at <= before + 0.25  # logged on arrival, before the latency
+
+
 def test_per_instance_admin_fault(emulator):
     emulator.add_instance(OTHER)
     emulator.instances[OTHER].faults.set(admin_status=403)

@@ -7,6 +7,7 @@ way the official connector hands its TLS socket to pg8000.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -411,6 +412,35 @@ def test_certificate_not_issued_here_is_sniffed(emulator, with_mdx):
     assert conn.run("SELECT 2") == [[2]]
     conn.close()
     assert len(emulator.mdx_requests) == int(with_mdx)
+
+
+def test_restart_aborts_connections_and_serves_again(emulator):
+    inst = emulator.instances[URI]
+    body = issue(emulator)
+    ctx = client_context(body["pemCertificateChain"], body["caCert"])
+    tls = ctx.wrap_socket(
+        socket.create_connection((inst.private_ip, 5433), timeout=10),
+        server_hostname=inst.private_ip,
+    )
+    assert exchange(tls, TOKEN_APP).ok
+    restarting = threading.Thread(
+        target=emulator.restart_instance, args=(URI,), kwargs={"down_for": 1.0}
+    )
+    restarting.start()
+    time.sleep(0.5)
+    with pytest.raises(OSError):  # down: the port refuses
+        socket.create_connection((inst.private_ip, 5433), timeout=5).close()
+    restarting.join(30)
+    # The open connection was aborted: an EOF, or a reset if bytes were unread.
+    with contextlib.suppress(ConnectionResetError, ssl.SSLEOFError):
+        assert tls.recv(1) == b""
+    tls.close()
+    again = ctx.wrap_socket(
+        socket.create_connection((inst.private_ip, 5433), timeout=10),
+        server_hostname=inst.private_ip,
+    )
+    assert exchange(again, TOKEN_APP).ok
+    again.close()
 
 
 async def test_reset_after_bytes(emulator):
