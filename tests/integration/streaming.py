@@ -21,18 +21,19 @@ import asyncio
 import contextlib
 import os
 import random
+import socket
 import struct
 import threading
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Self, TypeVar
 
 T = TypeVar("T")
 
 _PARAMS = b"user\x00stream\x00database\x00echo\x00\x00"
 STARTUP = struct.pack(">II", 8 + len(_PARAMS), 196608) + _PARAMS
-_BLOCK = os.urandom(1 << 20)
+_BLOCK = os.urandom(2 << 20)  # chunks (up to 1 MiB) are cut from it at random offsets
 _WINDOW = 256 * 1024  # bytes in flight per stream before the sender waits
 
 
@@ -40,20 +41,42 @@ class Mismatch(Exception):
     """An echoed byte differs from the byte sent at that offset."""
 
 
+ENDINGS = ("close", "half-close", "reset")
+
+
 @dataclass
 class Stream:
+    """One connection. With a ``budget`` it sends that many bytes and then ends as
+    ``ending`` says: "close" waits for every echo and closes; "half-close" waits
+    for every echo, shuts its write side and expects the proxy's EOF; "reset"
+    aborts with an RST at once, whatever is in flight (so ``lost`` is not
+    counted). ``rounds`` makes it send in request-response rounds instead of
+    streaming: a 1 MiB echo with probability ``big``, else a 100-byte ping whose
+    round trip is kept in ``latencies`` as (time, seconds)."""
+
     ident: int
     port: int
+    budget: int | None = None
+    ending: str = "close"
+    rounds: bool = False
+    big: float = 0.0
     sent: int = 0
     verified: int = 0
     error: str | None = None  # why it ended before finish, or failed at it
     finished: bool = False  # stopped at finish() with every byte back
     lost: int = 0  # sent but never echoed (counted when it ended)
     ended_at: float | None = None
+    open_s: float = 0.0  # how long add() waited for it to open (or give up)
+    latencies: list[tuple[float, float]] = field(default_factory=list, repr=False)
 
     @property
     def alive(self) -> bool:
         return self.ended_at is None
+
+    @property
+    def opened(self) -> bool:
+        """Its StartupMessage came back: it was connected through to the instance."""
+        return self.verified >= len(STARTUP)
 
 
 class StreamingLoad:
@@ -89,13 +112,21 @@ class StreamingLoad:
             self.add(self.ports[i % len(self.ports)], timeout=timeout)
         return self
 
-    def add(self, port: int, timeout: float = 30.0) -> Stream:
-        """One more stream on ``port``; returns once it is open and echoing (or has
-        failed: then its ``error`` says why)."""
-        stream = Stream(ident=len(self.streams), port=port)
+    def add(self, port: int, timeout: float = 30.0, **options: Any) -> Stream:
+        """One more stream on ``port`` (``options``: Stream's budget, ending, rounds,
+        big); returns once it is open and echoing (or has failed: then its
+        ``error`` says why)."""
+        if options.get("ending", "close") not in ENDINGS:
+            raise ValueError(f"ending must be one of {ENDINGS}")
+        stream = Stream(ident=len(self.streams), port=port, **options)
         self.streams.append(stream)
-        with contextlib.suppress(TimeoutError):
+        began = time.monotonic()
+        try:
             self._call(self._open(stream), timeout)
+        except TimeoutError:
+            stream.error = f"not open after {timeout} s"
+            self._call(self._abort(stream), 30)
+        stream.open_s = time.monotonic() - began
         return stream
 
     def verified(self) -> dict[int, int]:
@@ -108,8 +139,11 @@ class StreamingLoad:
         streams: list[Stream] | None = None,
     ) -> None:
         """Wait until every stream that is alive (of ``streams``, default all) has
-        had ``bytes_each`` more bytes echoed and checked; fail naming the laggards."""
-        chosen = [s for s in (streams or self.streams) if s.alive]
+        had ``bytes_each`` more bytes echoed and checked; fail naming the laggards,
+        or if none of them is alive."""
+        chosen = [s for s in (self.streams if streams is None else streams) if s.alive]
+        if not chosen:
+            raise AssertionError("no stream alive to make progress")
         start = {s.ident: s.verified for s in chosen}
         deadline = time.monotonic() + timeout
         while True:
@@ -140,10 +174,10 @@ class StreamingLoad:
         alive = [s for s in self.streams if s.alive]
         with contextlib.suppress(AssertionError):
             self.wait_ended(alive, timeout)
-        self.close()
         for s in self.streams:
             if s.alive:
                 s.error = s.error or f"echo incomplete {timeout} s after the stop"
+        self.close()
         return self.streams
 
     def close(self) -> None:
@@ -183,6 +217,12 @@ class StreamingLoad:
     async def _make_stop_event(self) -> None:
         self._stopping = asyncio.Event()
 
+    async def _abort(self, stream: Stream) -> None:
+        task = self._tasks.get(stream.ident)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     async def _open(self, stream: Stream) -> None:
         opened = self._loop.create_future()
         self._tasks[stream.ident] = self._loop.create_task(self._run(stream, opened))
@@ -199,6 +239,7 @@ class StreamingLoad:
         pending = bytearray()  # sent, not echoed yet
         room, drained = asyncio.Event(), asyncio.Event()
         room.set()
+        half_closed = False
         writer: asyncio.StreamWriter | None = None
 
         async def receive(reader: asyncio.StreamReader) -> None:
@@ -214,31 +255,67 @@ class StreamingLoad:
                 if not opened.done() and st.verified >= len(STARTUP):
                     opened.set_result(None)
 
-        async def send(writer: asyncio.StreamWriter) -> None:
-            writer.write(STARTUP)
-            pending.extend(STARTUP)
-            st.sent += len(STARTUP)
-            await asyncio.shield(opened)  # cancelling send must not cancel add()'s wait
-            while not stopping.is_set():
+        def more() -> bool:
+            return not stopping.is_set() and (st.budget is None or st.sent < st.budget)
+
+        async def stream_chunks(writer: asyncio.StreamWriter) -> None:
+            while more():
                 n = rng.randint(1, self.max_chunk)
+                if st.budget is not None:
+                    n = min(n, st.budget - st.sent)
                 at = rng.randrange(0, len(_BLOCK) - n)
-                chunk = _BLOCK[at : at + n]
-                pending.extend(chunk)
+                pending.extend(_BLOCK[at : at + n])
                 st.sent += n
-                writer.write(chunk)
+                writer.write(_BLOCK[at : at + n])
                 await writer.drain()
                 if len(pending) >= _WINDOW:
                     room.clear()
                     await room.wait()
                 if self.max_pause:
                     await asyncio.sleep(rng.uniform(0, self.max_pause))
+
+        async def request_rounds(writer: asyncio.StreamWriter) -> None:
+            while more():
+                n = (1 << 20) if rng.random() < st.big else 100
+                at = rng.randrange(0, len(_BLOCK) - n)
+                began = time.monotonic()
+                drained.clear()
+                pending.extend(_BLOCK[at : at + n])
+                st.sent += n
+                writer.write(_BLOCK[at : at + n])
+                await writer.drain()
+                await drained.wait()
+                if n == 100:
+                    st.latencies.append((began, time.monotonic() - began))
+                if self.max_pause:
+                    await asyncio.sleep(rng.uniform(0, self.max_pause))
+
+        async def send(writer: asyncio.StreamWriter) -> None:
+            writer.write(STARTUP)
+            pending.extend(STARTUP)
+            st.sent += len(STARTUP)
+            await asyncio.shield(opened)  # cancelling send must not cancel add()'s wait
+            await (request_rounds(writer) if st.rounds else stream_chunks(writer))
+            if st.ending == "reset" and st.budget is not None:
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+                return
             # Wait for the echo of every byte sent, then close. Not by a
-            # half-close: a TLS server on asyncio (the emulator's instance is
-            # one) ends the whole connection on close_notify and drops what it
-            # still had to send, so the end is counted rather than read.
+            # half-close while bytes are in flight: a TLS server on asyncio (the
+            # emulator's instance is one) ends the whole connection on
+            # close_notify and drops what it still had to send.
             while pending:
                 drained.clear()
                 await drained.wait()
+            # A byte after the last one sent would be a duplicate or a stranger:
+            # receive() fails on it (nothing is pending). Give one a moment to come.
+            await asyncio.sleep(0.1)
+            if st.ending == "half-close":
+                nonlocal half_closed
+                half_closed = True
+                writer.write_eof()
+                await asyncio.sleep(30)  # the proxy's EOF ends receive() first
 
         try:
             reader, writer = await asyncio.open_connection(self.host, st.port)
@@ -254,13 +331,17 @@ class StreamingLoad:
                 for task in (receiving, sending):
                     task.cancel()
                 await asyncio.gather(receiving, sending, return_exceptions=True)
-            if sending in done:
+            if sending in done and st.ending == "half-close":
+                st.error = "no EOF from the proxy within 30 s of the half-close"
+            elif sending in done or (half_closed and not pending):
                 st.finished = True
+                if st.ending == "reset":
+                    pending.clear()  # dropped on purpose
             else:
                 st.error = f"EOF from the proxy after {st.verified} of {st.sent} bytes"
         except asyncio.CancelledError:
             st.error = st.error or "cancelled"
-        except (OSError, Mismatch, asyncio.IncompleteReadError) as exc:
+        except Exception as exc:  # a reset, a mismatch, or a bug here: never silent
             st.error = f"{type(exc).__name__}: {exc}"
         finally:
             st.lost = len(pending)
