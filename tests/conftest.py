@@ -6,6 +6,8 @@ import pytest
 
 from proxy.emulator import Emulator, PostgresCluster, Principal
 
+from . import leakcheck
+
 PROJECT = "project-id"
 URI = f"projects/{PROJECT}/locations/us-central1/clusters/clust/instances/inst"
 
@@ -21,6 +23,29 @@ TOKENS = {
     TOKEN_IAM: Principal(SA_EMAIL),
     TOKEN_DENIED: Principal(f"denied@{PROJECT}.iam.gserviceaccount.com", can_connect=False),
 }
+
+
+for _token in TOKENS:
+    leakcheck.secret(_token, f"the OAuth2 token {_token[:3]}…")
+leakcheck.secret(DB_PASSWORD, "the database password")
+leakcheck.watch_in_process_logs()
+leakcheck.watch_subprocesses()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The suite-wide secret scan (tests/leakcheck.py): a secret in any output fails the run."""
+    found = leakcheck.findings()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if found:
+        lines = ["secrets found in the proxy's output (tests/leakcheck.py):", *found[:50]]
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    else:
+        lines = [f"secret scan: {leakcheck.summary()}, nothing found"]
+    if reporter is not None:
+        reporter.write_sep("=", "secret scan", red=bool(found))
+        reporter.write_line("\n".join(lines))
+    else:
+        print("\n".join(lines))
 
 
 @pytest.fixture(scope="session")

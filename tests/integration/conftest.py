@@ -11,6 +11,7 @@ import pytest
 
 from proxy.emulator import Emulator
 
+from .. import leakcheck
 from ..conftest import (  # noqa: F401  (re-exported for the test modules)
     DB_NAME,
     DB_PASSWORD,
@@ -115,6 +116,8 @@ def http_get(url: str, method: str = "GET") -> tuple[int, str]:
     request = urllib.request.Request(url, method=method)
     try:
         with urllib.request.urlopen(request, timeout=30) as resp:
-            return resp.status, resp.read().decode()
+            status, body = resp.status, resp.read().decode()
     except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
+        status, body = err.code, err.read().decode()
+    leakcheck.record(f"{method} {url}", body)
+    return status, body

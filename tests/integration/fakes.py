@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from proxy.emulator import Principal
 from proxy.emulator.principals import ALLOYDB_LOGIN, CLOUD_PLATFORM
 
+from .. import leakcheck
 from ..conftest import SA_EMAIL
 
 PEOPLE = {
@@ -134,6 +135,7 @@ class IdentityFakes:
 
     def _token(self, kind: str, scope: str) -> str:
         token = f"{kind}|{_short(scope)}|{next(self._counter)}"
+        leakcheck.secret(token, f"a token the identity fakes issued ({kind})")
         self.issued.append(token)
         self.expires[token] = time.time() + self.expires_in
         return token
@@ -237,15 +239,15 @@ def service_account_info(
     token_uri: str, email: str = "key-sa@project-id.iam.gserviceaccount.com"
 ) -> dict:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    leakcheck.secret_key_pem(key_pem, f"the private key of {email}")
     return {
         "type": "service_account",
         "project_id": "project-id",
         "private_key_id": "abc123",
-        "private_key": key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ).decode(),
+        "private_key": key_pem,
         "client_email": email,
         "client_id": "1234567890",
         "token_uri": token_uri,

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Self
 
+from .. import leakcheck
+
 READY = "The proxy has started successfully and is ready for new connections!"
 
 
@@ -86,6 +88,7 @@ class ProxyProcess:
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         self._cond = threading.Condition()
+        leakcheck.record(f"proxy {' '.join(args)[:200]}", lambda: self.output)
         self._readers = [
             threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True),
             threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True),
