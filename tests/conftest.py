@@ -38,7 +38,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if found:
         lines = ["secrets found in the proxy's output (tests/leakcheck.py):", *found[:50]]
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if session.exitstatus == pytest.ExitCode.OK:  # an interruption or usage error stays one
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
     else:
         lines = [f"secret scan: {leakcheck.summary()}, nothing found"]
     if reporter is not None:

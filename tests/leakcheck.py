@@ -2,12 +2,15 @@
 in everything the proxy printed, logged or served during the run.
 
 Secrets (``secret``): the static OAuth2 tokens and the database password of
-tests/conftest.py, every token the identity fakes issue, and the private key of
-every service-account file they write. Transcripts (``record``): the output of
-every CLI subprocess (tests/integration/proxyproc.py, and any
-``subprocess`` run of the CLI, ``doctor`` included, through
-``watch_subprocesses``), the in-process ``proxy`` logger, and the bodies of
-the health, metrics and /debug pages the tests fetch. Besides the listed
+tests/conftest.py, every token and key the identity fakes issue or hold, the
+private key of every service-account file they write, and every value given to
+the CLI as ``--token``/``--login-token`` or in an environment variable whose
+name says token, password or secret (``secrets_of_command``). Transcripts
+(``record``): the output of every CLI subprocess (tests/integration/proxyproc.py,
+and any ``subprocess`` run of the CLI, ``doctor`` and Python children that
+import the proxy included, through ``watch_subprocesses``), every message of
+the in-process logger (``watch_in_process_logs``, whatever the logging level),
+and the bodies of the health, metrics and /debug pages the tests fetch. Besides the listed
 secrets, any PEM private key in a transcript is a finding: the proxy's own
 client key is made in memory and must never be printed.
 
@@ -18,7 +21,6 @@ planted secret is found.
 
 from __future__ import annotations
 
-import logging
 import re
 import subprocess
 import threading
@@ -45,6 +47,24 @@ def secret_key_pem(pem: str, what: str) -> str:
     if body:
         secret(body[0], what)
     return pem
+
+
+_SECRET_FLAGS = ("--token", "--login-token", "-t")
+_SECRET_ENV = re.compile(r"(TOKEN|PASSWORD|SECRET)$", re.I)  # not *_TOKEN_URL and such
+
+
+def secrets_of_command(argv: list[str], env: dict[str, str] | None = None) -> None:
+    """Register the secrets a CLI run is given: flag values and telling env variables."""
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag in _SECRET_FLAGS:
+            secret(value, f"the value of {flag}")
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if eq and name in _SECRET_FLAGS:
+            secret(value, f"the value of {name}")
+    for name, value in (env or {}).items():
+        if _SECRET_ENV.search(name):
+            secret(value, f"${name}")
 
 
 def record(origin: str, text: str | Callable[[], str]) -> None:
@@ -81,31 +101,39 @@ def summary() -> str:
         return f"{len(_transcripts)} transcripts searched for {len(_secrets)} secrets"
 
 
-class _LogRecorder(logging.Handler):
-    """Keeps every record of the in-process ``proxy`` logger, formatted."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
-
-    def emit(self, rec: logging.LogRecord) -> None:
-        try:
-            self.lines.append(self.format(rec))
-        except Exception:  # never let the scan break a test's logging
-            self.lines.append(f"{rec.name} unformattable record {rec.msg!r}")
-
-
 def watch_in_process_logs() -> None:
-    recorder = _LogRecorder()
-    logging.getLogger("proxy").addHandler(recorder)
-    record("in-process proxy logger", lambda: "\n".join(recorder.lines))
+    """Record every message the proxy logs in this process, at every level: the
+    library logger's calls are wrapped, so the ``logging`` level (WARNING unless
+    a test sets one) filters nothing out of the scan and changes nothing else."""
+    from proxy import log
+
+    lines: list[str] = []
+    for level in ("info", "debug", "error"):
+        original = getattr(log.StdlibLogger, level)
+
+        def wrapped(self: object, message: str, *args: object, _o=original, _l=level) -> None:
+            try:
+                lines.append(f"{_l} {message % args if args else message}")
+            except Exception:  # never let the scan break a test's logging
+                lines.append(f"{_l} {message!r} {args!r}")
+            _o(self, message, *args)
+
+        setattr(log.StdlibLogger, level, wrapped)
+    record("in-process proxy logger", lambda: "\n".join(lines))
 
 
 def _is_cli(args: object) -> bool:
+    """The CLI, or a Python child that imports the proxy (not a child pytest:
+    that one runs its own scan)."""
     argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else [str(args)]
+    if any(a == "pytest" or a.endswith("/pytest") for a in argv):
+        return False
     return any(
-        a.endswith("alloydb-auth-proxy") or a in ("proxy", "proxy.cli") or "proxy.cli" in a
+        a.endswith("alloydb-auth-proxy")
+        or a in ("proxy", "proxy.cli")
+        or "proxy.cli" in a
+        or "import proxy" in a
+        or "from proxy" in a
         for a in argv
     )
 
@@ -116,6 +144,10 @@ def watch_subprocesses() -> None:
     original = subprocess.Popen.communicate
 
     def communicate(self: subprocess.Popen, *args: object, **kwargs: object):  # type: ignore[type-arg]
+        if _is_cli(self.args):
+            secrets_of_command(
+                [str(a) for a in self.args] if isinstance(self.args, (list, tuple)) else []
+            )
         out, err = original(self, *args, **kwargs)  # type: ignore[arg-type]
         if _is_cli(self.args):
             text = "\n".join(

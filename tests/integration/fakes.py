@@ -63,8 +63,10 @@ class TokensByPrefix(dict):
         return default
 
 
-IMDS_SESSION = "imds-session-token"
-STS_TOKEN = "sts-federated-token"
+IMDS_SESSION = leakcheck.secret("imds-session-token", "the IMDSv2 session token")
+STS_TOKEN = leakcheck.secret("sts-federated-token", "the STS token")
+AWS_SECRET_KEY = leakcheck.secret("secret-example", "the AWS secret access key")
+AWS_SESSION_TOKEN = leakcheck.secret("aws-session-example", "the AWS session token")
 AWS_ROLE = "my-ec2-role"
 
 
@@ -198,8 +200,8 @@ class IdentityFakes:
                     200,
                     {
                         "AccessKeyId": "AKIDEXAMPLE",
-                        "SecretAccessKey": "secret-example",
-                        "Token": "aws-session-example",
+                        "SecretAccessKey": AWS_SECRET_KEY,
+                        "Token": AWS_SESSION_TOKEN,
                     },
                     None,
                 )

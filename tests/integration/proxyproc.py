@@ -88,7 +88,10 @@ class ProxyProcess:
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         self._cond = threading.Condition()
-        leakcheck.record(f"proxy {' '.join(args)[:200]}", lambda: self.output)
+        leakcheck.secrets_of_command(args, env)
+        # The lists, not self: a recorded process must not keep its pipes open.
+        out, err = self.stdout, self.stderr
+        leakcheck.record(f"proxy {' '.join(args)[:200]}", lambda: "\n".join(out + err))
         self._readers = [
             threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True),
             threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True),
@@ -138,6 +141,9 @@ class ProxyProcess:
         code = self.proc.wait(timeout)
         for reader in self._readers:
             reader.join(5)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None and not any(r.is_alive() for r in self._readers):
+                pipe.close()
         return code
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:

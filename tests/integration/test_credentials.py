@@ -14,9 +14,12 @@ from proxy.credentials import parse_impersonation_chain
 from proxy.emulator import Principal
 from proxy.mdx import AUTO_IAM
 
+from .. import leakcheck
 from .conftest import DB_NAME, IAM_DB_USER, SA_EMAIL, URI, psql
 from .fakes import ConnectProxy, aws_external_account_info, service_account_info
 from .proxyproc import ProxyProcess, free_port_block
+
+GCLOUD_TOKEN = leakcheck.secret("gcloud-user-token", "the token gcloud hands out")
 
 
 @pytest.fixture
@@ -122,7 +125,7 @@ def test_gcloud_application_default_credentials_file(run_proxy, cred_emulator, f
                 "type": "authorized_user",
                 "client_id": "id",
                 "client_secret": "secret",
-                "refresh_token": "refresh-secret",
+                "refresh_token": leakcheck.secret("refresh-secret", "a user refresh token"),
                 "token_uri": f"{fakes.url}/token",
             }
         )
@@ -159,7 +162,7 @@ def test_gcloud_auth_runs_config_helper(run_proxy, cred_emulator, tmp_path):
         tmp_path,
         f'''echo "$@" > "{args}"
 cat <<EOF
-{{"credential": {{"access_token": "gcloud-user-token", "token_expiry": "2099-01-01T00:00:00Z"}}}}
+{{"credential": {{"access_token": "{GCLOUD_TOKEN}", "token_expiry": "2099-01-01T00:00:00Z"}}}}
 EOF
 ''',
     )

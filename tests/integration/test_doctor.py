@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from .. import leakcheck
 from ..conftest import (
     DB_NAME,
     DB_PASSWORD,
@@ -226,7 +227,8 @@ def test_the_seed_ec2_scenario_passes_all_seven_checks(cred_emulator, fakes, tmp
 
 def test_an_unreachable_admin_api_names_the_endpoint_and_proxy_settings(emulator):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("ALLOYDB_PROXY_", "PG"))}
-    full_env["HTTPS_PROXY"] = "http://alice:s3cret-pw@proxy.example:3128"
+    password = leakcheck.secret("s3cret-pw", "a proxy password")
+    full_env["HTTPS_PROXY"] = f"http://alice:{password}@proxy.example:3128"
     full_env["NO_PROXY"] = "127.0.0.1"
     proc = subprocess.run(
         [sys.executable, "-m", "proxy", "doctor", URI, "--token", TOKEN_APP, "--format", "json",

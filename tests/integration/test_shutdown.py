@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from .. import leakcheck
 from .conftest import http_get, proxy_args, psql
 from .proxyproc import READY, WITHOUT_UVLOOP, ProxyProcess, free_port_block, proxy_command
 from .test_credentials import fake_gcloud
@@ -181,8 +182,11 @@ def test_a_broken_stdout_blocks_nothing(emulator, ports):
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
     )
+    seen: list[str] = []
+    leakcheck.record("proxy with a closed stdout", lambda: "".join(seen))
     try:
         for line in proc.stdout:
+            seen.append(line)
             if READY in line:
                 break
         proc.stdout.close()  # nobody reads the logs any more
@@ -192,7 +196,8 @@ def test_a_broken_stdout_blocks_nothing(emulator, ports):
         assert http_get(f"http://127.0.0.1:{ports['http']}/readiness")[0] == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 143
-        assert not re.search(r"Traceback|BrokenPipe", proc.stderr.read())
+        seen.append(proc.stderr.read())
+        assert not re.search(r"Traceback|BrokenPipe", seen[-1])
     finally:
         if proc.poll() is None:
             proc.kill()

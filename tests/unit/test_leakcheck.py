@@ -30,3 +30,25 @@ def test_the_output_of_a_cli_subprocess_is_recorded():
     subprocess.run([sys.executable, "-m", "proxy", "--version"], capture_output=True, check=True)
     added = leakcheck._transcripts[before:]
     assert added and "version" in added[-1][1]()
+
+
+def test_secrets_given_to_the_cli_are_registered():
+    leakcheck.secrets_of_command(
+        ["alloydb-auth-proxy", "URI", "--token", "flag-token-1", "--login-token=flag-token-2"],
+        {"ALLOYDB_PROXY_TOKEN": "env-token-3", "GCE_METADATA_TOKEN_URL": "http://127.0.0.1:9/x"},
+    )
+    leakcheck.record("cli transcript", "flag-token-1 flag-token-2 env-token-3 http://127.0.0.1:9/x")
+    try:
+        found = [f for f in leakcheck.findings() if f.startswith("cli transcript")]
+        assert len(found) == 3, found  # the URL is not a secret
+    finally:
+        leakcheck._transcripts.pop()
+
+
+def test_debug_messages_are_scanned_whatever_the_logging_level():
+    from proxy.log import StdlibLogger
+
+    token = leakcheck.secret("debug-level-token", "a token in a debug message")
+    StdlibLogger().debug("refreshing with %s", token)  # the proxy logger is at WARNING
+    assert "in-process proxy logger: contains a token in a debug message" in leakcheck.findings()
+    leakcheck._secrets.pop(token)  # keep the real run's scan clean
