@@ -53,6 +53,8 @@ def fail(message: str) -> NoReturn:
 
 
 if TYPE_CHECKING:
+    from proxy.reload import ConfigSource
+
     _FloatParamType = click.ParamType[float]
 else:  # ParamType is generic only from click 8.5 on
     _FloatParamType = click.ParamType
@@ -318,11 +320,18 @@ class _CobraStyleCommand(click.Command):
 )
 @click.pass_context
 def root(ctx: click.Context, /, instances: tuple[str, ...], **opts: Any) -> None:
+    start_opts = dict(opts)  # config_from adds the env and file values to opts
     try:
         cfg, warnings = config_from(ctx, instances, opts)
     except BadCommandError as exc:
         fail(str(exc))
-    sys.exit(run(cfg, warnings))
+
+    def read_again() -> tuple[Config, list[str]]:
+        # A reload reads the same sources: these arguments, this environment,
+        # the config file as it is now.
+        return config_from(ctx, instances, dict(start_opts))
+
+    sys.exit(run(cfg, warnings, read_again))
 
 
 def config_from(
@@ -481,7 +490,11 @@ def _cleartext_remote(endpoint: str) -> bool:
     return parts.scheme.lower() == "http" and not is_loopback_host(parts.hostname or "")
 
 
-def run(cfg: Config, warnings: list[str] | tuple[str, ...] = ()) -> int:
+def run(
+    cfg: Config,
+    warnings: list[str] | tuple[str, ...] = (),
+    reload_source: ConfigSource | None = None,
+) -> int:
     """Run the proxy until it stops; returns the process exit code."""
     log = configure(structured=cfg.structured_logs, quiet=cfg.quiet, debug=cfg.debug_logs)
     for warning in warnings:
@@ -522,7 +535,7 @@ def run(cfg: Config, warnings: list[str] | tuple[str, ...] = ()) -> int:
     from proxy.supervisor import Supervisor
 
     raise_open_file_limit(log)
-    outcome = run_until_complete(lambda: Supervisor(cfg, log, keys).run())
+    outcome = run_until_complete(lambda: Supervisor(cfg, log, keys, reload_source).run())
     if outcome.error:
         log.error("The proxy has encountered a terminal error: %s", outcome.error)
     return int(outcome.code)

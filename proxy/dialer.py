@@ -252,6 +252,17 @@ class Dialer:
             ", TLS session resumed" if conn.resumed else "",
         )
 
+    def reconfigure(self, cfg: Config) -> None:
+        """A reloaded instance list: instances no longer in it stop refreshing.
+
+        Their rate limiters stay, so that removing and adding an instance
+        again and again cannot make requests faster than the limit.
+        """
+        self._cfg = cfg
+        current = {inst.uri for inst in cfg.instances}
+        for uri in [uri for uri in self._caches if uri not in current]:
+            self._caches.pop(uri).close()
+
     def close(self) -> None:
         self._closed = True
         for cache in self._caches.values():

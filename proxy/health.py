@@ -9,6 +9,8 @@ Health (``--health-check`` on ``--http-address:--http-port``), any method:
               ``--max-connections``; 503 with the reason otherwise
 Admin (``--quitquitquit`` and/or ``--debug`` on ``localhost:--admin-port``):
   /quitquitquit  GET or POST: 200, then the proxy shuts down (exit 0); other methods 400
+  /reload        POST: read the configuration again (as SIGHUP does, see
+                 proxy/reload.py); 200 and what changed, or 500 and why not
   /debug/pprof/  see proxy/profiling.py
 
 A small HTTP/1.1 handler is all these need; it answers one request per
@@ -272,14 +274,26 @@ def health_routes(
     return {"/startup": startup, "/liveness": liveness, "/readiness": readiness}
 
 
-def admin_routes(on_quit: Callable[[], None]) -> dict[str, Handler]:
+def admin_routes(
+    on_quit: Callable[[], None],
+    on_reload: Callable[[], Awaitable[tuple[bool, str]]] | None = None,
+) -> dict[str, Handler]:
     async def quitquitquit(method: str, _query: str) -> tuple[int, str]:
         if method not in ("GET", "POST"):
             return 400, ""
         on_quit()
         return 200, ""
 
-    return {"/quitquitquit": quitquitquit}
+    async def reload(method: str, _query: str) -> tuple[int, str]:
+        if method != "POST" or on_reload is None:
+            return 400, "POST only\n"
+        applied, message = await on_reload()
+        return (200 if applied else 500), message + "\n"
+
+    routes: dict[str, Handler] = {"/quitquitquit": quitquitquit}
+    if on_reload is not None:
+        routes["/reload"] = reload
+    return routes
 
 
 def metrics_route(metrics: Metrics) -> Handler:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import os
 import socket
@@ -61,8 +62,10 @@ class Listener:
     inst: InstanceConfig
     sock: socket.socket
     display: str  # what "Listening on" prints
+    mount: TCPMount | UnixMount
     unix_path: str | None = None
     paused: bool = False
+    watched: bool = False  # its socket is registered with the loop
     handles: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -79,6 +82,7 @@ class ProxyServer:
         self._listeners: list[Listener] = []
         self._splices: dict[plane.Splice, str] = {}  # -> instance short name
         self._tasks: set[asyncio.Task[None]] = set()
+        self._accepting = False  # set by start_accepting; later listeners are watched at once
         self.connection_count = 0
 
     # ---- listeners -------------------------------------------------------
@@ -93,6 +97,83 @@ class ProxyServer:
         except BaseException:
             self.close_listeners()
             raise
+
+    def reconfigure(self, cfg: Config) -> tuple[int, int, int]:
+        """Switch to ``cfg``'s instance list (see proxy/reload.py); (added, removed, kept).
+
+        New listeners open before the old ones close, except those that take
+        the port or path of a listener that goes (auto ports shift when the
+        list changes): those open after it closed. If a new one cannot open,
+        the ones opened are closed and any old one closed is reopened: a
+        StartupError then says why, and the proxy serves what it served
+        before.
+        """
+        old = list(self._listeners)
+        unmatched = list(old)
+        kept: list[tuple[Listener, InstanceConfig]] = []
+        wanted: list[tuple[InstanceConfig, TCPMount | UnixMount]] = []
+        for inst, mount in plan_mounts(cfg):
+            match = next(
+                (
+                    old_listener
+                    for old_listener in unmatched
+                    if old_listener.inst.uri == inst.uri and old_listener.mount == mount
+                ),
+                None,
+            )
+            if match is None:
+                wanted.append((inst, mount))
+            else:
+                unmatched.remove(match)
+                kept.append((match, inst))
+        # New addresses that no old listener holds open first: if one fails,
+        # the old listeners have not been touched.
+        first = [
+            (inst, mount)
+            for inst, mount in wanted
+            if not any(_clash(mount, going.mount) for going in unmatched)
+        ]
+        then = [pair for pair in wanted if pair not in first]
+        opened: list[Listener] = []
+        try:
+            for inst, mount in first:
+                opened.append(self._open(inst, mount))
+            for listener in unmatched:
+                self._close(listener)
+            for inst, mount in then:
+                opened.append(self._open(inst, mount))
+        except StartupError:
+            for listener in opened:
+                self._close(listener)
+            for listener in unmatched:
+                if listener.sock.fileno() != -1:
+                    continue  # never closed
+                try:  # its address was just released
+                    reopened = self._open(listener.inst, listener.mount)
+                except StartupError as exc:
+                    self._log.error("%s", exc)
+                    self._listeners.remove(listener)
+                    continue
+                self._listeners[self._listeners.index(listener)] = reopened
+            self._watch_all()
+            raise
+        self._cfg = cfg
+        self._dialer.reconfigure(cfg)
+        for listener in unmatched:
+            self._log.info(
+                "[%s] Stopped listening on %s; its open connections go on",
+                listener.inst.uri.short,
+                listener.display,
+            )
+        for listener, inst in kept:
+            if listener.inst != inst:
+                self._log.info("[%s] New options: %s", inst.uri.short, query_of(inst) or "none")
+            listener.inst = inst
+        for listener in opened:
+            self._log.info("[%s] Listening on %s", listener.inst.uri.short, listener.display)
+        self._listeners = [listener for listener, _ in kept] + opened
+        self._watch_all()
+        return len(opened), len(unmatched), len(kept)
 
     def _open(self, inst: InstanceConfig, mount: TCPMount | UnixMount) -> Listener:
         short = inst.uri.short
@@ -116,7 +197,7 @@ class ProxyServer:
                 f"unable to start: [{short}] Unable to mount socket: {what}"
             ) from None
         sock.setblocking(False)
-        return Listener(inst, sock, mount.path, unix_path=mount.path)
+        return Listener(inst, sock, mount.path, mount, unix_path=mount.path)
 
     def _open_tcp(self, inst: InstanceConfig, mount: TCPMount) -> Listener:
         host = mount.address
@@ -146,7 +227,7 @@ class ProxyServer:
             ) from None
         sock.setblocking(False)
         bound = sock.getsockname()
-        return Listener(inst, sock, _format_addr(family, bound))
+        return Listener(inst, sock, _format_addr(family, bound), mount)
 
     def bound(self) -> list[tuple[InstanceConfig, str, int, str | None]]:
         """Each listener as (instance, host, port, unix socket path or None), in
@@ -176,23 +257,32 @@ class ProxyServer:
             splice.abort()
 
     def start_accepting(self) -> None:
+        self._accepting = True
+        self._watch_all()
+
+    def _watch_all(self) -> None:
+        if not self._accepting:
+            return
         loop = asyncio.get_running_loop()
         for listener in self._listeners:
-            loop.add_reader(listener.sock.fileno(), self._on_acceptable, listener)
+            if not listener.watched and not listener.paused:
+                loop.add_reader(listener.sock.fileno(), self._on_acceptable, listener)
+                listener.watched = True
+
+    def _close(self, listener: Listener) -> None:
+        if listener.watched:
+            with contextlib.suppress(RuntimeError):  # no running loop (closed already)
+                asyncio.get_running_loop().remove_reader(listener.sock.fileno())
+            listener.watched = False
+        listener.sock.close()
+        if listener.unix_path:
+            with contextlib.suppress(OSError):
+                os.unlink(listener.unix_path)
 
     def close_listeners(self) -> None:
-        loop: asyncio.AbstractEventLoop | None
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
+        self._accepting = False
         for listener in self._listeners:
-            if loop is not None and not listener.paused:
-                loop.remove_reader(listener.sock.fileno())
-            listener.sock.close()
-            if listener.unix_path:
-                with contextlib.suppress(OSError):
-                    os.unlink(listener.unix_path)
+            self._close(listener)
         self._listeners.clear()
 
     # ---- accepting -------------------------------------------------------
@@ -214,12 +304,14 @@ class ProxyServer:
     def _pause(self, listener: Listener) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(listener.sock.fileno())
+        listener.watched = False
         listener.paused = True
 
         def resume() -> None:
-            if listener.paused and listener in self._listeners:
+            if listener.paused and listener in self._listeners and self._accepting:
                 listener.paused = False
                 loop.add_reader(listener.sock.fileno(), self._on_acceptable, listener)
+                listener.watched = True
 
         loop.call_later(ACCEPT_BACKOFF, resume)
 
@@ -357,6 +449,26 @@ class ProxyServer:
 
         results = await asyncio.gather(*(check(inst) for inst in self._cfg.instances))
         return [r for r in results if r]
+
+
+def _clash(new: TCPMount | UnixMount, old: TCPMount | UnixMount) -> bool:
+    """Whether ``new`` may need the address that ``old`` holds (any address on that port)."""
+    if isinstance(new, TCPMount) and isinstance(old, TCPMount):
+        return new.port != 0 and new.port == old.port
+    if isinstance(new, UnixMount) and isinstance(old, UnixMount):
+        return new.path == old.path
+    return False
+
+
+def query_of(inst: InstanceConfig) -> str:
+    """The query parameters the instance sets, as a URI query (``port=6000&psc=true``)."""
+    parts = []
+    for f in dataclasses.fields(inst):
+        value = getattr(inst, f.name)
+        if f.name != "uri" and value is not None:
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            parts.append(f"{f.name.replace('_', '-')}={text}")
+    return "&".join(parts)
 
 
 def _dial_failure(exc: BaseException, short: str) -> BaseException | str:

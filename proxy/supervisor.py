@@ -24,7 +24,7 @@ from proxy.adminapi import AdminAPIClient
 from proxy.config import Config
 from proxy.credentials import CredentialSet, resolve
 from proxy.dialer import Dialer
-from proxy.errors import ProxyError, StartupError
+from proxy.errors import BadCommandError, ProxyError, StartupError
 from proxy.health import (
     HTTPServer,
     ProbeState,
@@ -37,6 +37,7 @@ from proxy.health import (
 from proxy.keys import KeyPair, generate_in_background
 from proxy.log import Logger
 from proxy.metrics import Metrics
+from proxy.reload import ConfigSource, ReloadRefused, changed_options, next_config
 from proxy.server import ProxyServer
 from proxy.settings import format_go_duration
 
@@ -65,10 +66,18 @@ def user_agent(cfg: Config) -> str:
 
 class Supervisor:
     def __init__(
-        self, cfg: Config, log: Logger, keys: concurrent.futures.Future[KeyPair] | None = None
+        self,
+        cfg: Config,
+        log: Logger,
+        keys: concurrent.futures.Future[KeyPair] | None = None,
+        reload_source: ConfigSource | None = None,
     ) -> None:
         self._keys = keys  # started by the CLI before the imports; made here otherwise
         self._cfg = cfg
+        self._reload_source = reload_source  # None: SIGHUP keeps its default (exit)
+        self._reload_lock = asyncio.Lock()
+        self._server: ProxyServer | None = None  # once serving
+        self._reloads: set[asyncio.Task[tuple[bool, str]]] = set()
         self._log = log
         self._stop = asyncio.Event()
         self._signal: signal.Signals | None = None
@@ -106,14 +115,19 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 wake_read.recv(4096)
 
+        def on_hangup(_number: int, _frame: object) -> None:
+            loop.call_soon_threadsafe(self._on_hangup)
+
         loop.add_reader(wake_read.fileno(), drain)
         previous = signal.set_wakeup_fd(wake_write.fileno(), warn_on_full_buffer=False)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
+        if self._reload_source is not None:
+            signal.signal(signal.SIGHUP, on_hangup)
         try:
             return await self._run()
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_IGN)
             signal.set_wakeup_fd(previous)
             loop.remove_reader(wake_read.fileno())
@@ -158,8 +172,10 @@ class Supervisor:
                     return Outcome(Exit.ERROR, ", ".join(errors))
                 log.info("Connection test passed")
             server.start_accepting()
+            self._server = server
             self.probes.started = True
             await self._stop.wait()
+            self._server = None  # no reload from here on
             return await self._shut_down(server, dialer, client)
         finally:
             for http in http_servers:
@@ -202,7 +218,11 @@ class Supervisor:
             started.append(health)
             log.info("Starting health check server at %s:%s", cfg.http_address, cfg.http_port)
         if cfg.quitquitquit or cfg.debug:
-            admin_table = admin_routes(self._on_quit) if cfg.quitquitquit else {}
+            admin_table = (
+                admin_routes(self._on_quit, self._reload_route if self._reload_source else None)
+                if cfg.quitquitquit
+                else {}
+            )
             if cfg.debug:
                 from proxy.profiling import debug_routes  # only with --debug
 
@@ -220,6 +240,43 @@ class Supervisor:
             sdnotify.notify(state)
         except OSError as exc:
             self._log.error("Failed to notify systemd of %s: %s", what, exc)
+
+    def _on_hangup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload("SIGHUP"))
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload_route(self) -> tuple[bool, str]:
+        return await self.reload("POST /reload")
+
+    async def reload(self, trigger: str) -> tuple[bool, str]:
+        """Read the configuration again and switch to its instance list (see
+        proxy/reload.py). Whether it was applied, and the line logged about it."""
+        log = self._log
+        async with self._reload_lock:  # one at a time, in the order asked
+            server = self._server
+            if server is None or self._reload_source is None or self._stop.is_set():
+                message = f"Reload ({trigger}) ignored: the proxy is not serving yet or is stopping"
+                log.error(message)
+                return False, message
+            log.info("Reloading the configuration (%s)", trigger)
+            try:
+                new, warnings = await asyncio.to_thread(self._reload_source)
+                for warning in warnings:
+                    log.error(warning)
+                merged = next_config(self._cfg, new)
+                added, removed, kept = server.reconfigure(merged)
+            except (BadCommandError, ReloadRefused, StartupError) as exc:
+                reason = str(exc).removeprefix("unable to start: ")
+                message = f"Reload failed, still serving the previous configuration: {reason}"
+                log.error(message)
+                return False, message
+            for option in changed_options(self._cfg, new):
+                log.error("Ignoring the new value of %s: it takes effect on restart", option)
+            self._cfg = merged
+            message = f"Reload done: {added} listener(s) added, {removed} removed, {kept} kept"
+            log.info(message)
+            return True, message
 
     def _on_quit(self) -> None:
         if not self._stop.is_set():

@@ -37,6 +37,11 @@ _BLOCK = os.urandom(2 << 20)  # chunks (up to 1 MiB) are cut from it at random o
 _WINDOW = 256 * 1024  # bytes in flight per stream before the sender waits
 
 
+def echo_uri(name: str, cluster: str = "clust") -> str:
+    """An instance URI for an echo instance (``Emulator.add_instance(uri, backend=echo)``)."""
+    return f"projects/project-id/locations/us-central1/clusters/{cluster}/instances/{name}"
+
+
 class Mismatch(Exception):
     """An echoed byte differs from the byte sent at that offset."""
 

@@ -26,14 +26,10 @@ from proxy.emulator.echo import echo_backend
 
 from .. import leakcheck
 from .proxyproc import ProxyProcess, free_port_block
-from .streaming import STARTUP, StreamingLoad
+from .streaming import STARTUP, StreamingLoad, echo_uri
 from .test_credentials import home, run_proxy  # noqa: F401 (the credential tests' fixtures)
 
 pytestmark = pytest.mark.faultmatrix
-
-
-def echo_uri(name: str, cluster: str = "clust") -> str:
-    return f"projects/project-id/locations/us-central1/clusters/{cluster}/instances/{name}"
 
 
 @pytest.fixture
