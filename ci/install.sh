@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 # iproute2 and util-linux (unshare) give the small-buffer tests their own network
 # namespace; gcc brings libasan for the AddressSanitizer run of the core.
 # faketime moves the wall clock of one proxy for the clock-jump row of the fault matrix.
-APT_PACKAGES=(postgresql postgresql-client postgresql-contrib libssl-dev gcc util-linux iproute2 procps golang-go faketime)
+# fuse3 (fusermount) and libfuse2 serve the real --fuse mounts of the tests.
+APT_PACKAGES=(postgresql postgresql-client postgresql-contrib libssl-dev gcc util-linux iproute2 procps golang-go faketime fuse3 libfuse2)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -26,7 +27,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 # Editable install: builds proxy/_splice in place so tests import this tree.
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,fuse]'
 # The coverage-guided fuzzer (tests/fuzz): a binary wheel exists for this
 # machine's CPython; elsewhere the same targets still run under hypothesis.
 .venv/bin/python -m pip install -q 'atheris>=2.3,<4' || echo "atheris not installed: the fuzz smoke test will skip" >&2

@@ -26,10 +26,6 @@ from proxy.settings import load_config_file, overlay, parse_go_bool, parse_go_du
 
 PROG = "alloydb-auth-proxy"
 SHORT_HELP = "alloydb-auth-proxy provides a secure way to authorize connections to AlloyDB."
-FUSE_UNSUPPORTED = (
-    "this proxy does not implement FUSE mounts; "
-    "use --unix-socket for one socket per instance instead"
-)
 MISSING_INSTANCE = (
     "missing instance uri (e.g., projects/$PROJECT/locations/$LOCATION/"
     "clusters/$CLUSTER/instances/$INSTANCE)"
@@ -297,7 +293,7 @@ class _CobraStyleCommand(click.Command):
 @click.option(
     "--fuse",
     default="",
-    help="Mount a directory at the path using FUSE to access AlloyDB instances (not supported by this proxy).",
+    help="Mount a directory at the path using FUSE to access AlloyDB instances.",
 )
 @click.option(
     "--fuse-tmp-dir",
@@ -387,11 +383,16 @@ def build_config(
     instances: tuple[str, ...], opts: dict[str, Any], set_options: frozenset[str]
 ) -> Config:
     """Validate flags in the Go proxy's order and build the Config (pure)."""
-    if opts["fuse"]:
-        # The Go proxy's check when FUSE cannot be used on this system.
-        raise BadCommandError(f"--fuse is not supported: {FUSE_UNSUPPORTED}")
-    if not instances:
+    if not instances and not opts["fuse"]:
         raise BadCommandError(MISSING_INSTANCE)
+    if opts["fuse"]:
+        if opts["run_connection_test"]:
+            raise BadCommandError("cannot run connection tests in FUSE mode")
+        from proxy.fusemount import unsupported_reason  # imports the binding: only with --fuse
+
+        reason = unsupported_reason()
+        if reason:
+            raise BadCommandError(f"--fuse is not supported: {reason}")
     parsed = tuple(parse_instance_arg(arg) for arg in instances)
     try:
         ipaddress.ip_address(opts["address"])
@@ -479,6 +480,8 @@ def build_config(
         disable_traces=opts["disable_traces"],
         disable_metrics=opts["disable_metrics"],
         disable_built_in_telemetry=opts["disable_built_in_telemetry"],
+        fuse=opts["fuse"],
+        fuse_tmp_dir=opts["fuse_tmp_dir"],
         set_options=set_options,
     )
 
@@ -521,6 +524,8 @@ def run(
             '--telemetry-project "%s" is ignored (use --prometheus for metrics)',
             cfg.telemetry_project,
         )
+    if cfg.fuse and cfg.instances:
+        log.info("Ignoring the instance arguments: with --fuse, instances are opened by name")
     if cfg.login_token and not any(cfg.auto_iam_for(i) for i in cfg.instances):
         log.info(
             "Ignoring --login-token because --auto-iam-authn is not enabled (globally or per-instance)"

@@ -253,6 +253,8 @@ class Config:
     disable_traces: bool = False
     disable_metrics: bool = False
     disable_built_in_telemetry: bool = False
+    fuse: str = ""  # a directory: instances are served by name (proxy/fusemount.py)
+    fuse_tmp_dir: str = ""  # "" = $TMPDIR/alloydb-tmp
 
     # Which options the user set explicitly (flag, env or file), for the
     # "Ignoring ..." logs and conflict checks that the Go proxy does.

@@ -128,11 +128,17 @@ class Dialer:
             return None
         return failure.error
 
-    async def dial(self, inst: InstanceConfig) -> plane.TLSConnection:
-        """Open an authenticated tunnel to the instance, ready for PostgreSQL bytes."""
+    async def connection_info(self, inst: InstanceConfig) -> ConnectionInfo:
+        """The instance's addresses and certificate (fetched if not cached yet);
+        a RefreshError when the Admin API does not give them."""
         if self._closed:
             raise DialError("alloydbconn: dialer is closed", inst.uri.short)
-        uri = inst.uri
+        info, _ = await self._connection_info(inst.uri)
+        return info
+
+    async def _connection_info(
+        self, uri: InstanceURI
+    ) -> tuple[ConnectionInfo, ConnectionInfoCache]:
         short = uri.short
         remembered = self._remembered(uri) if uri not in self._caches else None
         if remembered is not None:
@@ -157,6 +163,14 @@ class Dialer:
             self._evict(uri, cache, exc)
             raise
         self._failures.pop(uri, None)
+        return info, cache
+
+    async def dial(self, inst: InstanceConfig) -> plane.TLSConnection:
+        """Open an authenticated tunnel to the instance, ready for PostgreSQL bytes."""
+        if self._closed:
+            raise DialError("alloydbconn: dialer is closed", inst.uri.short)
+        short = inst.uri.short
+        info, cache = await self._connection_info(inst.uri)
 
         ip_type = self._cfg.ip_type_for(inst)
         address = info.addresses.get(ip_type)

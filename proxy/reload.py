@@ -52,6 +52,10 @@ def next_config(old: Config, new: Config) -> Config:
     effect for every instance once any instance asks for it), so a list that
     turns it on or off is refused rather than half applied.
     """
+    if old.fuse:
+        raise ReloadRefused(
+            "under --fuse, instances are opened by name: there is no list to reload"
+        )
     merged = dataclasses.replace(old, instances=new.instances)
     was = any(old.auto_iam_for(i) for i in old.instances)
     will = any(merged.auto_iam_for(i) for i in merged.instances)

@@ -229,6 +229,15 @@ class ProxyServer:
         bound = sock.getsockname()
         return Listener(inst, sock, _format_addr(family, bound), mount)
 
+    async def open_by_name(self, inst: InstanceConfig, mount: UnixMount) -> None:
+        """For ``--fuse``: ask the Admin API for the instance (so an unknown one
+        fails here), then listen for it at ``mount`` (StartupError if it cannot)."""
+        await self._dialer.connection_info(inst)
+        listener = self._open(inst, mount)
+        self._listeners.append(listener)
+        self._log.info("[%s] Listening on %s", inst.uri.short, listener.display)
+        self._watch_all()
+
     def bound(self) -> list[tuple[InstanceConfig, str, int, str | None]]:
         """Each listener as (instance, host, port, unix socket path or None), in
         the order of the configuration; TCP ports as bound (port 0 resolved)."""

@@ -154,6 +154,25 @@ class Supervisor:
             self._notify("STOPPING=1", "termination")
             return Outcome(Exit.ERROR, str(exc))
 
+        fuse = None
+        if self._cfg.fuse:
+            from proxy.fusemount import FuseMount, default_tmp_dir
+
+            fuse = FuseMount(
+                self._cfg.fuse,
+                self._cfg.fuse_tmp_dir or default_tmp_dir(),
+                server.open_by_name,
+                asyncio.get_running_loop(),
+                log,
+            )
+            try:
+                await asyncio.to_thread(fuse.start)
+            except ProxyError as exc:
+                self._notify("STOPPING=1", "termination")
+                server.close_listeners()
+                dialer.close()
+                client.close()
+                return Outcome(Exit.ERROR, str(exc))
         log.info(READY_LINE)
         self._notify("READY=1", "readiness")
         http_servers: list[HTTPServer] = []
@@ -181,8 +200,12 @@ class Supervisor:
             for http in http_servers:
                 await http.close()
             # On every way out (a failed HTTP server or connection test too):
-            # a socket file left behind would make the next start fail.
+            # a socket file or a mount left behind would make the next start fail.
             server.close_listeners()
+            if fuse is not None:
+                problem = await asyncio.to_thread(fuse.stop)
+                if problem:
+                    log.error("failed to close mount: %s", problem)
 
     async def _until_stopped(self, work: Awaitable[T]) -> T | None:
         """``work``'s result, or None (``work`` cancelled) if the proxy is told to stop first."""
@@ -379,7 +402,8 @@ async def open_proxy(
     dialer = Dialer(cfg, credentials, client, await asyncio.wrap_future(keys), log, metrics, static)
     server = ProxyServer(cfg, dialer, log, metrics)
     try:
-        server.open_listeners()
+        if not cfg.fuse:  # under --fuse, instances are opened by name (as in Go)
+            server.open_listeners()
     except BaseException:
         dialer.close()
         client.close()

@@ -1,5 +1,5 @@
 """Flags beyond the main path: --debug, --with-backend-check, --static-connection-info,
-telemetry, --fuse, IPv6 listeners, log formats and --user-agent (real CLI subprocess)."""
+telemetry, IPv6 listeners, log formats and --user-agent (real CLI subprocess)."""
 
 from __future__ import annotations
 
@@ -152,14 +152,6 @@ def test_telemetry_flags_are_accepted_and_say_what_is_not_exported(start_proxy, 
         r"Cloud Monitoring and Cloud Trace export is not supported by this proxy; "
         r'--telemetry-project "my-project" is ignored'
     )
-
-
-def test_fuse_is_refused_with_the_go_message(tmp_path):
-    proxy = ProxyProcess(["--fuse", str(tmp_path)])
-    assert proxy.wait_exit() == 1
-    err = "\n".join(proxy.stderr)
-    assert err.startswith("Error: --fuse is not supported: ")
-    assert "Usage:" in err
 
 
 def _has_ipv6_loopback() -> bool:

@@ -12,19 +12,25 @@ Rows that cannot run here, and why:
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import signal
 import socket
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
 
 import psycopg
 import pytest
+
+from proxy.fusemount import unsupported_reason as fuse_unsupported
 
 from .conftest import DB_NAME, DB_PASSWORD, DB_USER, URI, http_get
 from .proxyproc import ProxyProcess, free_port_block
 
 NOT_COVERED = {
-    "§4 --fuse mount, README file and lazy sockets": "refused with the Go message instead "
-    "(no FUSE library); tested as a bad-command row",
     "§13 Cloud Monitoring / Cloud Trace export": "needs Google; flags accepted, one log line",
     "§14 ADC from the GCE metadata server on a real VM": "covered against a loopback fake "
     "metadata server in test_credentials.py",
@@ -138,7 +144,8 @@ BAD_COMMANDS: list[tuple[str, list[str], dict[str, str], str]] = [
     ("§10 unknown flag", [URI, "--foo"], {}, "unknown flag: --foo"),
     ("§10 bad duration", [URI, "--max-sigterm-delay", "10"], {},
      'invalid argument "10" for "--max-sigterm-delay" flag: time: missing unit in duration "10"'),
-    ("§10 fuse unavailable", ["--fuse", "/tmp"], {}, "--fuse is not supported: "),
+    ("§10 fuse with a connection test", ["--fuse", "/tmp", "--run-connection-test"], {},
+     "cannot run connection tests in FUSE mode"),
     ("§3 query address not an IP", [URI + "?address=nope"], {},
      'address query param is not a valid IP address: "nope"'),
     ("§3 query empty address", [URI + "?address="], {},
@@ -329,3 +336,32 @@ def test_instance_uris_from_numbered_env_vars(emulator):
         # Each URI its own listener, in order: two URIs collapsing into one would fail.
         assert f"[{SHORT}] Listening on 127.0.0.1:{base}" in proc.output
         assert f"[{SHORT[: -len('inst')]}other] Listening on 127.0.0.1:{base + 1}" in proc.output
+
+
+@pytest.mark.skipif(
+    fuse_unsupported() is not None, reason=f"FUSE unavailable: {fuse_unsupported()}"
+)
+def test_fuse_mount_as_go_serves_it(emulator):
+    """§4 --fuse: no instance argument needed, sockets under $TMPDIR/alloydb-tmp by
+    default (created), a README, a lookup answers a symlink to TMP/<name> holding a
+    0777 .s.PGSQL.5432, readdir lists README and the active names; SIGTERM → 143."""
+    top = Path(tempfile.mkdtemp(prefix="fp", dir="/tmp"))  # socket paths are short
+    mnt = top / "m"
+    mnt.mkdir()
+    env = {"TMPDIR": str(top), "ALLOYDB_PROXY_TOKEN": "tok-app"}
+    args = ["--fuse", str(mnt), "--alloydbadmin-api-endpoint", emulator.admin_url]
+    try:
+        with ProxyProcess(args, env=env) as proc:
+            proc.wait_ready()
+            assert os.listdir(mnt) == ["README"]
+            assert os.readlink(mnt / SHORT) == str(top / "alloydb-tmp" / SHORT)
+            socket_file = top / "alloydb-tmp" / SHORT / ".s.PGSQL.5432"
+            assert stat.S_IMODE(os.stat(socket_file).st_mode) == 0o777
+            assert sorted(os.listdir(mnt)) == ["README", SHORT]
+            dsn = f"host={mnt / SHORT} user={DB_USER} password={DB_PASSWORD} dbname={DB_NAME}"
+            with psycopg.connect(dsn) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert proc.stop(signal.SIGTERM) == 143
+    finally:
+        subprocess.run(["fusermount", "-uz", str(mnt)], capture_output=True, check=False)
+        shutil.rmtree(top, ignore_errors=True)
