@@ -27,7 +27,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 # Editable install: builds proxy/_splice in place so tests import this tree.
-.venv/bin/python -m pip install -q -e '.[test,fuse]'
+.venv/bin/python -m pip install -q -e '.[test,fuse,telemetry]'
 # The coverage-guided fuzzer (tests/fuzz): a binary wheel exists for this
 # machine's CPython; elsewhere the same targets still run under hypothesis.
 .venv/bin/python -m pip install -q 'atheris>=2.3,<4' || echo "atheris not installed: the fuzz smoke test will skip" >&2

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from proxy import tracing
 from proxy.adminapi import AdminAPIClient
 from proxy.config import InstanceURI
 from proxy.dataplane import plane
@@ -59,8 +60,14 @@ async def fetch_connection_info(
     client: AdminAPIClient, uri: InstanceURI, keys: KeyPair
 ) -> ConnectionInfo:
     """Both Admin API calls, concurrently, turned into a ready TLS context."""
-    addresses_call = asyncio.ensure_future(client.connection_info(uri))
-    cert_call = asyncio.ensure_future(client.client_certificate(uri, keys.public_pem))
+    addresses_call = asyncio.ensure_future(
+        tracing.traced(tracing.FETCH_METADATA, uri.short, lambda: client.connection_info(uri))
+    )
+    cert_call = asyncio.ensure_future(
+        tracing.traced(
+            tracing.FETCH_CERT, uri.short, lambda: client.client_certificate(uri, keys.public_pem)
+        )
+    )
     try:
         addresses = await addresses_call
     except BaseException as exc:
@@ -148,7 +155,8 @@ class _InstanceCache:
 
     async def _fetch(self) -> ConnectionInfo:
         try:
-            info = await fetch_connection_info(self._client, self._uri, self._keys)
+            with tracing.span(tracing.REFRESH, self._uri.short):
+                info = await fetch_connection_info(self._client, self._uri, self._keys)
         except Exception as exc:
             _record_refresh(self._metrics, self._uri.short, exc)
             raise

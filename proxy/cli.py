@@ -266,7 +266,7 @@ class _CobraStyleCommand(click.Command):
 @click.option(
     "--telemetry-project",
     default="",
-    help="Enable Cloud Monitoring and Cloud Trace integration with the provided project ID (not exported by this proxy).",
+    help="Enable Cloud Monitoring and Cloud Trace integration with the provided project ID (needs the [telemetry] extra).",
 )
 @click.option("--telemetry-prefix", default="", help="Prefix to use for Cloud Monitoring metrics.")
 @click.option(
@@ -284,6 +284,11 @@ class _CobraStyleCommand(click.Command):
     "--disable-metrics",
     is_flag=True,
     help="Disable Cloud Monitoring integration (used with telemetry-project)",
+)
+@click.option(
+    "--telemetry-api-endpoint",
+    default="",
+    help="(Not in the Go proxy.) host:port of a gRPC endpoint that serves both Cloud Monitoring and Cloud Trace (e.g. a Private Service Connect endpoint), instead of Google's.",
 )
 @click.option(
     "--disable-built-in-telemetry",
@@ -480,6 +485,7 @@ def build_config(
         disable_traces=opts["disable_traces"],
         disable_metrics=opts["disable_metrics"],
         disable_built_in_telemetry=opts["disable_built_in_telemetry"],
+        telemetry_api_endpoint=opts["telemetry_api_endpoint"],
         fuse=opts["fuse"],
         fuse_tmp_dir=opts["fuse_tmp_dir"],
         set_options=set_options,
@@ -518,12 +524,22 @@ def run(
             )
     if "http_port" in cfg.set_options and not (cfg.health_check or cfg.prometheus):
         log.info("Ignoring --http-port because --prometheus or --health-check was not set")
-    if cfg.telemetry_project:
-        log.info(
-            "Cloud Monitoring and Cloud Trace export is not supported by this proxy; "
-            '--telemetry-project "%s" is ignored (use --prometheus for metrics)',
-            cfg.telemetry_project,
-        )
+    if not cfg.telemetry_project:
+        # The Go proxy's lines, "telementry" typo included.
+        for option, flag in (
+            ("telemetry_prefix", "--telementry-prefix"),
+            ("disable_metrics", "--disable-metrics"),
+            ("disable_traces", "--disable-traces"),
+        ):
+            if option in cfg.set_options:
+                log.info("Ignoring %s as --telemetry-project was not set", flag)
+    elif not (cfg.disable_metrics and cfg.disable_traces):
+        from proxy.telemetry import missing_extra
+
+        problem = missing_extra()
+        if problem:
+            log.error("The proxy has encountered a terminal error: %s", problem)
+            return 1
     if cfg.fuse and cfg.instances:
         log.info("Ignoring the instance arguments: with --fuse, instances are opened by name")
     if cfg.login_token and not any(cfg.auto_iam_for(i) for i in cfg.instances):

@@ -253,6 +253,7 @@ class Config:
     disable_traces: bool = False
     disable_metrics: bool = False
     disable_built_in_telemetry: bool = False
+    telemetry_api_endpoint: str = ""  # "" = Google's endpoints (proxy/telemetry.py)
     fuse: str = ""  # a directory: instances are served by name (proxy/fusemount.py)
     fuse_tmp_dir: str = ""  # "" = $TMPDIR/alloydb-tmp
 

@@ -22,7 +22,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from proxy import __version__, mdx, tlsconn
+from proxy import __version__, mdx, tlsconn, tracing
 from proxy.adminapi import AdminAPIClient
 from proxy.cache import ConnectionInfo, ConnectionInfoCache, LazyCache, RefreshAheadCache
 from proxy.config import SERVER_PROXY_PORT, Config, InstanceConfig, InstanceURI
@@ -167,10 +167,18 @@ class Dialer:
 
     async def dial(self, inst: InstanceConfig) -> plane.TLSConnection:
         """Open an authenticated tunnel to the instance, ready for PostgreSQL bytes."""
-        if self._closed:
-            raise DialError("alloydbconn: dialer is closed", inst.uri.short)
+        with tracing.span(tracing.DIAL, inst.uri.name):
+            if self._closed:
+                raise DialError("alloydbconn: dialer is closed", inst.uri.short)
+            with tracing.span(tracing.INSTANCE_INFO, inst.uri.short):
+                info, cache = await self._connection_info(inst.uri)
+            with tracing.span(tracing.CONNECT, inst.uri.short):
+                return await self._connect(inst, info, cache)
+
+    async def _connect(
+        self, inst: InstanceConfig, info: ConnectionInfo, cache: ConnectionInfoCache
+    ) -> plane.TLSConnection:
         short = inst.uri.short
-        info, cache = await self._connection_info(inst.uri)
 
         ip_type = self._cfg.ip_type_for(inst)
         address = info.addresses.get(ip_type)
@@ -265,6 +273,10 @@ class Dialer:
             short,
             ", TLS session resumed" if conn.resumed else "",
         )
+
+    @property
+    def credentials(self) -> CredentialSet:
+        return self._credentials
 
     def reconfigure(self, cfg: Config) -> None:
         """A reloaded instance list: instances no longer in it stop refreshing.

@@ -43,6 +43,8 @@ class Metrics:
         self.refresh_failure: defaultdict[tuple[str, str], int] = defaultdict(int)
         self._bytes_done: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0])
         self.live_bytes: Callable[[], dict[str, tuple[int, int]]] = dict
+        # --telemetry-project records each dial into its own histogram too.
+        self.on_dial_latency: Callable[[str, float], None] | None = None
 
     # ---- recording (connection edges only) ------------------------------
 
@@ -53,6 +55,8 @@ class Metrics:
                 row[i] += 1
         row[-2] += milliseconds
         row[-1] += 1
+        if self.on_dial_latency is not None:
+            self.on_dial_latency(uri, milliseconds)
 
     def connection_opened(self, short: str) -> None:
         self.open_connections[short] = self.open_connections.get(short, 0) + 1
@@ -66,6 +70,34 @@ class Metrics:
     def bytes_done(self) -> dict[str, tuple[int, int]]:
         """Bytes (sent, received) of the closed connections, per instance."""
         return {short: (sent, received) for short, (sent, received) in self._bytes_done.items()}
+
+    def _byte_totals(self) -> dict[str, list[int]]:
+        """Bytes [sent, received] per instance: closed connections plus open ones so far."""
+        totals: dict[str, list[int]] = {s: list(v) for s, v in self._bytes_done.items()}
+        for short, (sent, received) in self.live_bytes().items():
+            counts = totals.setdefault(short, [0, 0])
+            counts[0] += sent
+            counts[1] += received
+        return totals
+
+    def series(self) -> dict[str, list[tuple[tuple[tuple[str, str], ...], int]]]:
+        """Every series but the latency histogram, as {view: [(labels, value)]}: a copy
+        for the telemetry exporter (take it on the event loop, which changes them)."""
+        instance = "alloydb_instance"
+        out: dict[str, list[tuple[tuple[tuple[str, str], ...], int]]] = {}
+        out["open_connections"] = [(((instance, k),), n) for k, n in self.open_connections.items()]
+        out["dial_failure_count"] = [(((instance, k),), n) for k, n in self.dial_failures.items()]
+        out["refresh_success_count"] = [
+            (((instance, k),), n) for k, n in self.refresh_success.items()
+        ]
+        out["refresh_failure_count"] = [
+            ((("alloydb_error_code", code), (instance, k)), n)
+            for (k, code), n in self.refresh_failure.items()
+        ]
+        totals = self._byte_totals()
+        out["bytes_sent"] = [(((instance, k),), v[0]) for k, v in totals.items()]
+        out["bytes_received"] = [(((instance, k),), v[1]) for k, v in totals.items()]
+        return out
 
     # ---- exposition ------------------------------------------------------
 
@@ -116,11 +148,7 @@ class Metrics:
             for (short, code), n in sorted(self.refresh_failure.items()):
                 labels = [dialer, ("alloydb_error_code", code), ("alloydb_instance", short)]
                 out.append(f"{name}{_labels(labels)} {n}")
-        totals: dict[str, list[int]] = {s: list(v) for s, v in self._bytes_done.items()}
-        for short, (sent, received) in self.live_bytes().items():
-            counts = totals.setdefault(short, [0, 0])
-            counts[0] += sent
-            counts[1] += received
+        totals = self._byte_totals()
         if totals:
             for index, metric, help_text in (
                 (0, "bytes_sent", "The number of bytes sent to AlloyDB"),

@@ -83,7 +83,10 @@ class Supervisor:
         self._signal: signal.Signals | None = None
         self._quit = False
         self.probes = ProbeState(max_connections=cfg.max_connections)
-        self.metrics = Metrics(cfg.prometheus_namespace) if cfg.prometheus else None
+        exports_metrics = bool(cfg.telemetry_project) and not cfg.disable_metrics
+        self.metrics = (
+            Metrics(cfg.prometheus_namespace) if cfg.prometheus or exports_metrics else None
+        )
 
     def _on_signal(self, sig: signal.Signals) -> None:
         # Only the first signal counts; the Go proxy swallows later ones too.
@@ -173,6 +176,15 @@ class Supervisor:
                 dialer.close()
                 client.close()
                 return Outcome(Exit.ERROR, str(exc))
+        telemetry = None
+        if self._cfg.telemetry_project and not (
+            self._cfg.disable_metrics and self._cfg.disable_traces
+        ):
+            from proxy import telemetry as exporters  # the [telemetry] extra, checked by the CLI
+
+            telemetry = exporters.start(
+                self._cfg, dialer.credentials.api, self.metrics, asyncio.get_running_loop(), log
+            )
         log.info(READY_LINE)
         self._notify("READY=1", "readiness")
         http_servers: list[HTTPServer] = []
@@ -206,6 +218,9 @@ class Supervisor:
                 problem = await asyncio.to_thread(fuse.stop)
                 if problem:
                     log.error("failed to close mount: %s", problem)
+            if telemetry is not None:
+                # The last export; its own daemon thread, waited for 5 s at most.
+                await workers.SHUTDOWN.run(telemetry.shutdown)
 
     async def _until_stopped(self, work: Awaitable[T]) -> T | None:
         """``work``'s result, or None (``work`` cancelled) if the proxy is told to stop first."""
@@ -221,14 +236,14 @@ class Supervisor:
 
     async def _start_http(self, server: ProxyServer, started: list[HTTPServer]) -> None:
         cfg, log = self._cfg, self._log
-        if cfg.health_check or self.metrics is not None:
+        if cfg.health_check or cfg.prometheus:
             check = server.connection_test if cfg.with_backend_check else None
             routes = (
                 health_routes(self.probes, lambda: server.connection_count, log, check)
                 if cfg.health_check
                 else {}
             )
-            if self.metrics is not None:
+            if cfg.prometheus and self.metrics is not None:
                 routes["/metrics"] = metrics_route(self.metrics)
             bound = cfg.http_address.strip("[]").lower()
             health = HTTPServer(

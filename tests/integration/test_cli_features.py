@@ -1,5 +1,5 @@
 """Flags beyond the main path: --debug, --with-backend-check, --static-connection-info,
-telemetry, IPv6 listeners, log formats and --user-agent (real CLI subprocess)."""
+IPv6 listeners, log formats and --user-agent (real CLI subprocess)."""
 
 from __future__ import annotations
 
@@ -139,18 +139,6 @@ def test_bad_static_connection_info_is_a_terminal_error(emulator, tmp_path, cont
         r"The proxy has encountered a terminal error: unable to start: "
         r"error initializing dialer: " + expected,
         stream="stderr",
-    )
-
-
-def test_telemetry_flags_are_accepted_and_say_what_is_not_exported(start_proxy, port):
-    proxy = start_proxy(
-        URI, "--port", str(port), "--telemetry-project", "my-project",
-        "--telemetry-prefix", "p", "--telemetry-sample-rate", "100",
-        "--disable-traces", "--disable-metrics", "--disable-built-in-telemetry",
-    )  # fmt: skip
-    proxy.wait_for(
-        r"Cloud Monitoring and Cloud Trace export is not supported by this proxy; "
-        r'--telemetry-project "my-project" is ignored'
     )
 
 

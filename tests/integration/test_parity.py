@@ -26,12 +26,12 @@ import psycopg
 import pytest
 
 from proxy.fusemount import unsupported_reason as fuse_unsupported
+from proxy.telemetry import missing_extra as telemetry_missing
 
 from .conftest import DB_NAME, DB_PASSWORD, DB_USER, URI, http_get
 from .proxyproc import ProxyProcess, free_port_block
 
 NOT_COVERED = {
-    "§13 Cloud Monitoring / Cloud Trace export": "needs Google; flags accepted, one log line",
     "§14 ADC from the GCE metadata server on a real VM": "covered against a loopback fake "
     "metadata server in test_credentials.py",
     "§15 container image and Windows service": "not a Python wheel's concern",
@@ -208,7 +208,7 @@ def configured_proxy(request, emulator, tmp_path):
         "debug": "true",
         "admin-port": str(ports["admin"]),
         "user-agent": "parity-agent/1.0",
-        "telemetry-project": "tele-proj",
+        "telemetry-prefix": "tele/",  # without a project: the "Ignoring" line shows it was read
         "max-connections": "5",
     }
     if request.param == "env":
@@ -252,7 +252,8 @@ def test_settings_from_env_and_config_files(configured_proxy, emulator):
         in proc.output,
         "§5 quitquitquit line": f"Enabling quitquitquit endpoint at localhost:{ports['admin']}"
         in proc.output,
-        "§1 telemetry line": '--telemetry-project "tele-proj" is ignored' in proc.output,
+        "§5 telemetry line": "Ignoring --telementry-prefix as --telemetry-project was not set"
+        in proc.output,
         "§11 a query through the proxy": query(ports["proxy"]) == 42,
         "§7 /startup": http_get(f"{http}/startup") == (200, "ok"),
         "§7 /liveness": http_get(f"{http}/liveness") == (200, "ok"),
@@ -365,3 +366,40 @@ def test_fuse_mount_as_go_serves_it(emulator):
     finally:
         subprocess.run(["fusermount", "-uz", str(mnt)], capture_output=True, check=False)
         shutil.rmtree(top, ignore_errors=True)
+
+
+def test_telemetry_flags_without_a_project_log_the_go_lines(start_proxy):
+    """§5: the three "Ignoring" lines, with the Go proxy's "telementry" typo."""
+    proc = start_proxy(
+        URI, "--port", str(free_port_block(1)), "--telemetry-prefix", "p",
+        "--disable-metrics", "--disable-traces",
+    )  # fmt: skip
+    for flag in ("--telementry-prefix", "--disable-metrics", "--disable-traces"):
+        assert f"Ignoring {flag} as --telemetry-project was not set" in proc.output
+
+
+@pytest.mark.skipif(telemetry_missing() is not None, reason=str(telemetry_missing()))
+def test_telemetry_export_names_as_go(start_proxy, tmp_path):
+    """§13: with --telemetry-project, metric types custom.googleapis.com/opencensus/
+    alloydbconn/<view> in the project, spans named cloud.google.com/go/alloydbconn.*."""
+    from .telemetry_fake import TelemetryFake
+
+    fake = TelemetryFake(tmp_path)
+    try:
+        port = free_port_block(1)
+        proc = start_proxy(
+            URI, "--port", str(port), "--telemetry-project", "proj", "--telemetry-sample-rate",
+            "1", "--telemetry-api-endpoint", fake.endpoint, env=fake.env(),
+        )  # fmt: skip
+        with psycopg.connect(
+            f"host=127.0.0.1 port={port} user={DB_USER} password={DB_PASSWORD} dbname={DB_NAME}"
+        ) as conn:
+            conn.execute("SELECT 1")
+        assert proc.stop() == 143  # the last export happens at exit
+        types = {p.type for p in fake.points}
+        assert "custom.googleapis.com/opencensus/alloydbconn/dial_latency" in types
+        assert "custom.googleapis.com/opencensus/alloydbconn/open_connections" in types
+        assert "cloud.google.com/go/alloydbconn.Dial" in {s.name for s in fake.spans}
+        assert {p.project for p in fake.points} == {"projects/proj"}
+    finally:
+        fake.stop()

@@ -27,7 +27,7 @@ def parse(args: list[str], monkeypatch, env: dict[str, str] | None = None) -> Co
         monkeypatch.setenv(name, value)
     seen: list[Config] = []
 
-    def fake_run(cfg: Config, warnings=()) -> int:
+    def fake_run(cfg: Config, warnings=(), reload_source=None) -> int:
         assert not warnings, warnings
         seen.append(cfg)
         return 0
