@@ -32,16 +32,35 @@ leakcheck.watch_in_process_logs()
 leakcheck.watch_subprocesses()
 
 
+_worker_findings: list[str] = []
+_worker_summaries: list[str] = []
+
+
+def pytest_testnodedown(node, error) -> None:
+    """xdist controller: collect each worker's scan (a worker's own report is not shown)."""
+    out = getattr(node, "workeroutput", None) or {}
+    _worker_findings.extend(out.get("leakcheck_findings", []))
+    if "leakcheck_summary" in out:
+        _worker_summaries.append(f"{node.gateway.id}: {out['leakcheck_summary']}")
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """The suite-wide secret scan (tests/leakcheck.py): a secret in any output fails the run."""
     found = leakcheck.findings()
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: hand the scan to the controller
+        workeroutput["leakcheck_findings"] = found
+        workeroutput["leakcheck_summary"] = leakcheck.summary()
+        return
+    found += _worker_findings
+    summary = "; ".join([leakcheck.summary(), *_worker_summaries])
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if found:
         lines = ["secrets found in the proxy's output (tests/leakcheck.py):", *found[:50]]
         if session.exitstatus == pytest.ExitCode.OK:  # an interruption or usage error stays one
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
     else:
-        lines = [f"secret scan: {leakcheck.summary()}, nothing found"]
+        lines = [f"secret scan: {summary}, nothing found"]
     if reporter is not None:
         reporter.write_sep("=", "secret scan", red=bool(found))
         reporter.write_line("\n".join(lines))

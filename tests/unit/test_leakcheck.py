@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from tests import leakcheck
 
@@ -52,3 +53,22 @@ def test_debug_messages_are_scanned_whatever_the_logging_level():
     StdlibLogger().debug("refreshing with %s", token)  # the proxy logger is at WARNING
     assert "in-process proxy logger: contains a token in a debug message" in leakcheck.findings()
     leakcheck._secrets.pop(token)  # keep the real run's scan clean
+
+
+def test_a_secret_found_by_an_xdist_worker_fails_the_run(tmp_path):
+    """Under pytest-xdist each worker scans its own transcripts; the controller
+    must gather the findings (a worker's own report is never shown)."""
+    planted = tmp_path / "test_planted.py"
+    planted.write_text(
+        "from tests import leakcheck\n\n\n"
+        "def test_leaks():\n    leakcheck.record('planted', 'the password is app-secret')\n\n\n"
+        "def test_clean():\n    pass\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "tests.conftest",
+         "-p", "no:cacheprovider", str(planted)],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "secrets found in the proxy's output" in done.stdout
+    assert "2 passed" in done.stdout
