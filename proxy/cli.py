@@ -26,6 +26,10 @@ from proxy.settings import load_config_file, overlay, parse_go_bool, parse_go_du
 
 PROG = "alloydb-auth-proxy"
 SHORT_HELP = "alloydb-auth-proxy provides a secure way to authorize connections to AlloyDB."
+RELOADABLE = (
+    "a reload reads only the instance-uri, instance-uri-1, ... keys of --config-file: "
+    "list the instances there to change them without a restart"
+)
 MISSING_INSTANCE = (
     "missing instance uri (e.g., projects/$PROJECT/locations/$LOCATION/"
     "clusters/$CLUSTER/instances/$INSTANCE)"
@@ -329,7 +333,15 @@ def root(ctx: click.Context, /, instances: tuple[str, ...], **opts: Any) -> None
 
     def read_again() -> tuple[Config, list[str]]:
         # A reload reads the same sources: these arguments, this environment,
-        # the config file as it is now.
+        # the config file as it is now. Instances from the first two cannot change.
+        if instances:
+            raise BadCommandError(f"the instances are given on the command line; {RELOADABLE}")
+        if os.environ.get("ALLOYDB_PROXY_INSTANCE_URI") or os.environ.get(
+            "ALLOYDB_PROXY_INSTANCE_URI_0"
+        ):
+            raise BadCommandError(
+                f"the instances come from ALLOYDB_PROXY_INSTANCE_URI*; {RELOADABLE}"
+            )
         return config_from(ctx, instances, dict(start_opts))
 
     sys.exit(run(cfg, warnings, read_again))

@@ -61,6 +61,11 @@ def set_tcp_options(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, TCP_KEEPALIVE)
 
 
+#: How long a removed instance's cache lives on after a reload: past any dial
+#: of a connection accepted before it (they time out after 30 s).
+RETIRE_AFTER = 60.0
+
+
 class Dialer:
     def __init__(
         self,
@@ -91,6 +96,10 @@ class Dialer:
                 cache = StaticCache(uri, self._static)
             else:
                 kind = LazyCache if self._cfg.lazy_refresh else RefreshAheadCache
+                if not self._cfg.fuse and uri not in {i.uri for i in self._cfg.instances}:
+                    # Dialled for a listener a reload removed (accepted before it):
+                    # served, but refreshed only on demand from now on.
+                    kind = LazyCache
                 limiter = self._limiters.setdefault(uri, RateLimiter())
                 cache = kind(uri, self._client, self._keys, self._log, self._metrics, limiter)
             self._caches[uri] = cache
@@ -281,13 +290,16 @@ class Dialer:
     def reconfigure(self, cfg: Config) -> None:
         """A reloaded instance list: instances no longer in it stop refreshing.
 
-        Their rate limiters stay, so that removing and adding an instance
-        again and again cannot make requests faster than the limit.
+        Their caches are closed a while later (RETIRE_AFTER), not at once: a
+        connection accepted before the reload may still be waiting for its
+        connection info. Their rate limiters stay, so that removing and adding
+        an instance again and again cannot make requests faster than the limit.
         """
         self._cfg = cfg
         current = {inst.uri for inst in cfg.instances}
+        loop = asyncio.get_running_loop()
         for uri in [uri for uri in self._caches if uri not in current]:
-            self._caches.pop(uri).close()
+            loop.call_later(RETIRE_AFTER, self._caches.pop(uri).close)
 
     def close(self) -> None:
         self._closed = True

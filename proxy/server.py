@@ -83,6 +83,7 @@ class ProxyServer:
         self._splices: dict[plane.Splice, str] = {}  # -> instance short name
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting = False  # set by start_accepting; later listeners are watched at once
+        self._closed = False  # by close_listeners: no listener opens after it
         self.connection_count = 0
 
     # ---- listeners -------------------------------------------------------
@@ -169,8 +170,17 @@ class ProxyServer:
             if listener.inst != inst:
                 self._log.info("[%s] New options: %s", inst.uri.short, query_of(inst) or "none")
             listener.inst = inst
+        served_before = {going.display: going.inst.uri.short for going in unmatched}
         for listener in opened:
-            self._log.info("[%s] Listening on %s", listener.inst.uri.short, listener.display)
+            short = listener.inst.uri.short
+            before = served_before.get(listener.display, short)
+            if before != short:  # an automatic port that moved to another instance
+                self._log.info(
+                    "[%s] Listening on %s (which served [%s] until this reload)",
+                    short, listener.display, before,
+                )  # fmt: skip
+            else:
+                self._log.info("[%s] Listening on %s", short, listener.display)
         self._listeners = [listener for listener, _ in kept] + opened
         self._watch_all()
         return len(opened), len(unmatched), len(kept)
@@ -233,6 +243,8 @@ class ProxyServer:
         """For ``--fuse``: ask the Admin API for the instance (so an unknown one
         fails here), then listen for it at ``mount`` (StartupError if it cannot)."""
         await self._dialer.connection_info(inst)
+        if self._closed:
+            raise StartupError("the proxy is stopping")
         listener = self._open(inst, mount)
         self._listeners.append(listener)
         self._log.info("[%s] Listening on %s", inst.uri.short, listener.display)
@@ -290,6 +302,7 @@ class ProxyServer:
 
     def close_listeners(self) -> None:
         self._accepting = False
+        self._closed = True
         for listener in self._listeners:
             self._close(listener)
         self._listeners.clear()

@@ -299,7 +299,14 @@ class Supervisor:
                 return False, message
             log.info("Reloading the configuration (%s)", trigger)
             try:
-                new, warnings = await asyncio.to_thread(self._reload_source)
+                # A daemon thread, not waited for once the proxy stops: a file on
+                # a hung file system must hold neither the exit nor the listeners.
+                read = await self._until_stopped(workers.RELOAD.run(self._reload_source))
+                if read is None or self._server is None:
+                    message = f"Reload ({trigger}) abandoned: the proxy is stopping"
+                    log.error(message)
+                    return False, message
+                new, warnings = read
                 for warning in warnings:
                     log.error(warning)
                 merged = next_config(self._cfg, new)

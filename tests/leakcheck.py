@@ -144,12 +144,13 @@ def watch_subprocesses() -> None:
     original = subprocess.Popen.communicate
 
     def communicate(self: subprocess.Popen, *args: object, **kwargs: object):  # type: ignore[type-arg]
-        if _is_cli(self.args):
+        is_cli = _is_cli(self.args)
+        if is_cli:
             secrets_of_command(
                 [str(a) for a in self.args] if isinstance(self.args, (list, tuple)) else []
             )
         out, err = original(self, *args, **kwargs)  # type: ignore[arg-type]
-        if _is_cli(self.args):
+        if is_cli:
             text = "\n".join(
                 x.decode(errors="replace") if isinstance(x, bytes) else x for x in (out, err) if x
             )

@@ -36,6 +36,11 @@ WITHOUT_UVLOOP = [
 ]
 
 
+def fd_count(pid: int) -> int:
+    """How many descriptors the process ``pid`` holds open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def free_port_block(count: int, host: str = "127.0.0.1") -> int:
     """First port of ``count`` consecutive ports that are free right now."""
     for _ in range(200):

@@ -134,9 +134,6 @@ class StreamingLoad:
         stream.open_s = time.monotonic() - began
         return stream
 
-    def verified(self) -> dict[int, int]:
-        return {s.ident: s.verified for s in self.streams}
-
     def wait_progress(
         self,
         bytes_each: int = 64 * 1024,
@@ -199,14 +196,6 @@ class StreamingLoad:
             self._call(cancel_all(), 30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
-
-    def summary(self) -> dict[str, int]:
-        return {
-            "streams": len(self.streams),
-            "bytes_verified": sum(s.verified for s in self.streams),
-            "bytes_lost": sum(s.lost for s in self.streams),
-            "errors": sum(1 for s in self.streams if s.error is not None),
-        }
 
     def __enter__(self) -> Self:
         return self.start()

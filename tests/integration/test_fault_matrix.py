@@ -25,7 +25,7 @@ import pytest
 from proxy.emulator.echo import echo_backend
 
 from .. import leakcheck
-from .proxyproc import ProxyProcess, free_port_block
+from .proxyproc import ProxyProcess, fd_count, free_port_block
 from .streaming import STARTUP, StreamingLoad, echo_uri
 from .test_credentials import home, run_proxy  # noqa: F401 (the credential tests' fixtures)
 
@@ -54,10 +54,6 @@ def echo_instances(emulator, echo_address):
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as fh:
         return int(re.search(r"VmRSS:\s+(\d+)", fh.read()).group(1))
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def assert_clean(streams, what: str = "streams") -> None:

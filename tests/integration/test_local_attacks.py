@@ -12,7 +12,7 @@ import threading
 import time
 
 from .conftest import IAM_DB_USER, TOKEN_IAM, URI, psql
-from .proxyproc import ProxyProcess, proxy_command
+from .proxyproc import ProxyProcess, fd_count, proxy_command
 
 
 def test_a_client_cannot_forge_a_log_line_with_its_user_name(start_proxy, port):
@@ -84,13 +84,9 @@ def test_shutdown_and_wait_never_go_through_an_http_proxy_for_loopback():
         server.shutdown()
 
 
-def _fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 def _settle(pid: int, want: int, timeout: float = 10) -> int:
     deadline = time.monotonic() + timeout
-    while (got := _fds(pid)) != want and time.monotonic() < deadline:
+    while (got := fd_count(pid)) != want and time.monotonic() < deadline:
         time.sleep(0.1)
     return got
 
@@ -102,7 +98,7 @@ def test_auto_iam_dials_only_for_clients_that_speak(start_proxy, port):
     pid = proxy.proc.pid
     psql("SELECT 1", host="127.0.0.1", port=port, user=IAM_DB_USER, password=None)
     time.sleep(0.5)
-    base = _fds(pid)
+    base = fd_count(pid)
     for _ in range(40):  # what sslmode=require clients and TCP probes do
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(struct.pack("!II", 8, 80877103))
@@ -112,7 +108,7 @@ def test_auto_iam_dials_only_for_clients_that_speak(start_proxy, port):
     silent = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(5)]
     try:
         time.sleep(1.0)
-        assert _fds(pid) == base + 5  # their own sockets, and no dial behind them
+        assert fd_count(pid) == base + 5  # their own sockets, and no dial behind them
     finally:
         for sock in silent:
             sock.close()

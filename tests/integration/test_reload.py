@@ -4,8 +4,12 @@ configuration that cannot be applied leaves the old one serving."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
+import threading
+import time
 
 import psycopg
 import pytest
@@ -149,3 +153,75 @@ def test_a_reload_that_cannot_be_applied_keeps_the_old_configuration(reload_setu
     for stream in streams:
         assert stream.error is None and stream.lost == 0 and stream.finished, stream
     assert proxy.output.count("Reload failed, still serving the previous configuration") == 3
+
+
+def test_a_connection_dialling_through_a_reload_that_removes_its_instance(
+    reload_setup, emulator, tmp_path
+):
+    """Accepted before the reload, still waiting for the Admin API (3 s) when it
+    removes the instance: the connection is served all the same."""
+    uris, base, start, reload_url = reload_setup
+    a_port, b_port = base + 1, base + 2
+    config = tmp_path / "proxy.toml"
+    write_config(config, f"{uris['a']}?port={a_port}", f"{uris['b']}?port={b_port}")
+    proxy = start(config)
+    emulator.instances[uris["a"]].faults.set(admin_latency=3)
+    with StreamingLoad(b_port, streams=1) as load:
+        waiting = threading.Thread(target=load.add, args=(a_port,))
+        waiting.start()
+        time.sleep(0.5)  # accepted, its dial waits for connectionInfo
+        write_config(config, f"{uris['b']}?port={b_port}")
+        assert http_get(reload_url, method="POST")[0] == 200
+        waiting.join(30)
+        streams = load.finish()
+    assert len(streams) == 2
+    for stream in streams:
+        assert stream.opened and stream.error is None and stream.lost == 0, stream
+    assert "cache closed" not in proxy.output
+
+
+def test_instances_from_the_command_line_cannot_be_reloaded(emulator, tmp_path):
+    port = free_port_block(1)
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'port = "{port}"\n')
+    args = [URI, "--config-file", str(config), "--token", "tok-app",
+            "--alloydbadmin-api-endpoint", emulator.admin_url]  # fmt: skip
+    with ProxyProcess(args) as proxy:
+        proxy.wait_ready()
+        proxy.proc.send_signal(signal.SIGHUP)
+        proxy.wait_for(
+            r"Reload failed, still serving the previous configuration: the instances are given "
+            r"on the command line; a reload reads only the instance-uri, instance-uri-1, \.\.\. "
+            r"keys of --config-file"
+        )
+        assert psql("SELECT 1", host="127.0.0.1", port=port).stdout.strip() == "1"
+
+
+def test_sigterm_during_a_reload_that_cannot_read_its_file(emulator, tmp_path):
+    """The file hangs (a FIFO nobody writes, as a hung network file system would):
+    SIGTERM still ends the proxy at once, and no listener opens after it."""
+    port, stop_echo = echo_backend()
+    uri = echo_uri("a")
+    emulator.add_instance(uri, backend=("127.0.0.1", port))
+    listen = free_port_block(1)
+    config = tmp_path / "proxy.toml"
+    os.mkfifo(config)
+    feeder = threading.Thread(
+        target=lambda: config.write_text(f'instance-uri = "{uri}?port={listen}"\n')
+    )
+    feeder.start()  # the start-up read
+    try:
+        with ProxyProcess(["--config-file", str(config), "--token", "tok-app",
+                           "--alloydbadmin-api-endpoint", emulator.admin_url]) as proxy:  # fmt: skip
+            proxy.wait_ready()
+            feeder.join(10)
+            proxy.proc.send_signal(signal.SIGHUP)
+            proxy.wait_for(r"Reloading the configuration \(SIGHUP\)")
+            began = time.monotonic()
+            assert proxy.stop(signal.SIGTERM) == 143
+            assert time.monotonic() - began < 10
+            assert refused(listen)
+    finally:
+        with contextlib.suppress(OSError):  # let a reader still blocked go
+            os.close(os.open(config, os.O_WRONLY | os.O_NONBLOCK))
+        stop_echo()

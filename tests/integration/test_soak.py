@@ -32,13 +32,11 @@ import pytest
 
 from ..conftest import DB_NAME, DB_PASSWORD, DB_USER, URI
 from .fakes import service_account_info
-from .proxyproc import free_port_block
-from .streaming import ENDINGS, StreamingLoad
+from .proxyproc import fd_count, free_port_block
+from .streaming import ENDINGS, StreamingLoad, echo_uri
 from .test_credentials import home, run_proxy  # noqa: F401 (the credential tests' fixtures)
 from .test_fault_matrix import (  # noqa: F401 (echo_address: a fixture)
     echo_address,
-    echo_uri,
-    fd_count,
     refresh_counts,
     rss_kib,
 )
