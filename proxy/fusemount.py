@@ -148,6 +148,8 @@ class FuseMount:
         self._log = log
         self._lock = threading.Lock()
         self._active: dict[str, str] = {}  # name -> symlink target
+        self._creating: dict[str, threading.Lock] = {}  # name -> held while it is opened
+        self._malformed: set[str] = set()  # names already reported as not an instance
         self._thread: threading.Thread | None = None
         self._serving = threading.Event()
         self._error: BaseException | None = None
@@ -156,6 +158,14 @@ class FuseMount:
 
     def start(self) -> None:
         check_mount_point(self.directory)
+        mount_point = os.path.realpath(self.directory)
+        tmp = os.path.realpath(self.tmp_dir)
+        if tmp == mount_point or tmp.startswith(mount_point + os.sep):
+            # Its sockets would be looked up through the mount that creates them.
+            raise StartupError(
+                f'FUSE mount failed: "{self.directory}": --fuse-tmp-dir {self.tmp_dir} '
+                "must not be inside the mount"
+            )
         prepare_tmp_dir(self.tmp_dir)
         self._thread = threading.Thread(target=self._run, name="fuse", daemon=True)
         self._thread.start()
@@ -163,7 +173,9 @@ class FuseMount:
         while not self._serving.wait(0.05):
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
-                why = self._error or "libfuse did not mount it (its own message is above)"
+                why: object = self._error
+                if why is None or isinstance(why, RuntimeError):  # fuse_main's bare status
+                    why = "libfuse did not mount it (its own message is above)"
                 raise StartupError(f'FUSE mount failed: "{self.directory}": {why}')
 
     def stop(self) -> str | None:
@@ -172,6 +184,7 @@ class FuseMount:
         if thread is None:
             return None
         problem = None
+        wait = 10.0
         if thread.is_alive():
             command = fusermount() or "fusermount"
             for flags in ("-u", "-uz"):  # -z: detach now even if something is inside
@@ -186,7 +199,10 @@ class FuseMount:
                     problem = None
                     break
                 problem = done.stderr.strip() or f"{command} {flags} exited {done.returncode}"
-            thread.join(10)
+                # Detached lazily, libfuse serves on until the last user lets go:
+                # its daemon thread is not waited for.
+                wait = 0.5
+            thread.join(wait)
         return problem
 
     def _run(self) -> None:
@@ -195,6 +211,10 @@ class FuseMount:
 
             operations = _operations(mfusepy, self)
             options: dict[str, Any] = {"foreground": True, "fsname": "alloydb-auth-proxy"}
+            if mfusepy.fuse_version_major == 2:
+                options["nonempty"] = (
+                    True  # as go-fuse: a directory with files is hidden, not refused
+                )
             if os.geteuid() == 0 or _user_allow_other():
                 options["allow_other"] = True  # as the Go proxy: other users may look up
             mfusepy.FUSE(operations, self.directory, **options)
@@ -211,30 +231,58 @@ class FuseMount:
             return sorted(self._active)
 
     def target(self, name: str) -> str:
-        """The symlink target for ``name``, opening its socket on first use; OSError(ENOENT)."""
+        """The symlink target for ``name``, opening its socket on first use; OSError(ENOENT).
+
+        Only lookups of the same name wait for each other: a slow Admin API
+        answer for one instance does not hold the names that already work.
+        """
         with self._lock:
             found = self._active.get(name)
             if found is not None:
                 return found
+            creating = self._creating.setdefault(name, threading.Lock())
+        with creating:
+            with self._lock:
+                found = self._active.get(name)
+            if found is not None:
+                return found
             try:
-                uri = parse_name(name)
-                inst = InstanceConfig(uri=uri)
-                directory = os.path.join(self.tmp_dir, name)
-                mount = UnixMount(directory, os.path.join(directory, UNIX_SOCKET_NAME))
-                future = asyncio.run_coroutine_threadsafe(
-                    self._open_socket(inst, mount), self._loop
-                )
-                try:
-                    future.result(LOOKUP_TIMEOUT)
-                except concurrent.futures.TimeoutError:
-                    future.cancel()
-                    raise TimeoutError(f"no answer within {LOOKUP_TIMEOUT:g}s") from None
+                directory = self._open(name)
             except Exception as exc:
-                reason = str(exc).removeprefix("unable to start: ") or type(exc).__name__
-                self._log.error('could not create socket for "%s": %s', name, reason)
+                self._report(name, exc)
                 raise OSError(errno.ENOENT, os.strerror(errno.ENOENT)) from None
-            self._active[name] = directory
+            finally:
+                with self._lock:
+                    self._creating.pop(name, None)
+            with self._lock:
+                self._active[name] = directory
             return directory
+
+    def _open(self, name: str) -> str:
+        uri = parse_name(name)
+        directory = os.path.join(self.tmp_dir, name)
+        mount = UnixMount(directory, os.path.join(directory, UNIX_SOCKET_NAME))
+        future = asyncio.run_coroutine_threadsafe(
+            self._open_socket(InstanceConfig(uri=uri), mount), self._loop
+        )
+        try:
+            future.result(LOOKUP_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"no answer within {LOOKUP_TIMEOUT:g}s") from None
+        return directory
+
+    def _report(self, name: str, exc: Exception) -> None:
+        reason = str(exc).removeprefix("unable to start: ") or type(exc).__name__
+        if isinstance(exc, ValueError):
+            # Shells, editors and git probe names such as .git or HEAD again
+            # and again: a name that cannot be an instance is logged once.
+            with self._lock:
+                if name in self._malformed:
+                    return
+                if len(self._malformed) < 1000:
+                    self._malformed.add(name)
+        self._log.error('could not create socket for "%s": %s', name, reason)
 
 
 def _user_allow_other() -> bool:

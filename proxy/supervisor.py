@@ -158,37 +158,44 @@ class Supervisor:
             return Outcome(Exit.ERROR, str(exc))
 
         fuse = None
-        if self._cfg.fuse:
-            from proxy.fusemount import FuseMount, default_tmp_dir
-
-            fuse = FuseMount(
-                self._cfg.fuse,
-                self._cfg.fuse_tmp_dir or default_tmp_dir(),
-                server.open_by_name,
-                asyncio.get_running_loop(),
-                log,
-            )
-            try:
-                await asyncio.to_thread(fuse.start)
-            except ProxyError as exc:
-                self._notify("STOPPING=1", "termination")
-                server.close_listeners()
-                dialer.close()
-                client.close()
-                return Outcome(Exit.ERROR, str(exc))
         telemetry = None
-        if self._cfg.telemetry_project and not (
-            self._cfg.disable_metrics and self._cfg.disable_traces
-        ):
-            from proxy import telemetry as exporters  # the [telemetry] extra, checked by the CLI
-
-            telemetry = exporters.start(
-                self._cfg, dialer.credentials.api, self.metrics, asyncio.get_running_loop(), log
-            )
-        log.info(READY_LINE)
-        self._notify("READY=1", "readiness")
         http_servers: list[HTTPServer] = []
         try:
+            if self._cfg.telemetry_project and not (
+                self._cfg.disable_metrics and self._cfg.disable_traces
+            ):
+                # The [telemetry] extra (the CLI checked that it is installed).
+                from proxy import telemetry as exporters
+
+                try:
+                    telemetry = exporters.start(
+                        self._cfg,
+                        dialer.credentials.api,
+                        self.metrics,
+                        asyncio.get_running_loop(),
+                        log,
+                    )
+                except Exception as exc:  # e.g. a broken install of the extra
+                    self._notify("STOPPING=1", "termination")
+                    return Outcome(Exit.ERROR, f"failed to start telemetry export: {exc}")
+            if self._cfg.fuse:
+                from proxy.fusemount import FuseMount, default_tmp_dir
+
+                fuse = FuseMount(
+                    self._cfg.fuse,
+                    self._cfg.fuse_tmp_dir or default_tmp_dir(),
+                    server.open_by_name,
+                    asyncio.get_running_loop(),
+                    log,
+                )
+                try:
+                    await asyncio.to_thread(fuse.start)
+                except ProxyError as exc:
+                    fuse = None  # start() unmounted what it mounted
+                    self._notify("STOPPING=1", "termination")
+                    return Outcome(Exit.ERROR, str(exc))
+            log.info(READY_LINE)
+            self._notify("READY=1", "readiness")
             try:
                 await self._start_http(server, http_servers)
             except OSError as exc:

@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,52 @@ def test_without_the_extra_the_error_names_it(tmp_path):
         "install the extra: pip install 'alloydb-auth-proxy[fuse]'"
     ), err
     assert "Usage:" in err
+
+
+@needs_fuse
+def test_a_slow_lookup_holds_no_other_name(fuse_proxy, emulator):
+    """The Admin API takes 5 s for one instance: a name already served answers at once."""
+    proxy, mnt, _ = fuse_proxy
+    os.stat(mnt / NAME)
+    emulator.instances[SECOND].faults.set(admin_latency=5)
+    slow = threading.Thread(target=os.path.exists, args=(mnt / SECOND_NAME,))
+    time.sleep(1.5)  # past the kernel's one-second cache of the first lookup
+    slow.start()
+    time.sleep(0.3)
+    began = time.monotonic()
+    os.stat(mnt / NAME)
+    assert time.monotonic() - began < 2
+    slow.join(30)
+
+
+@needs_fuse
+def test_a_busy_or_non_empty_mount_point(start_proxy, fuse_dirs):
+    """A file in the directory does not stop the mount (go-fuse mounts over it), and a
+    process inside the mount at exit neither holds the exit nor leaves the mount."""
+    mnt, sockets = fuse_dirs
+    (mnt / "left-over").write_text("x")
+    proxy = start_proxy("--fuse", str(mnt), "--fuse-tmp-dir", str(sockets))
+    assert os.listdir(mnt) == ["README"]
+    inside = subprocess.Popen(["sleep", "60"], cwd=mnt)
+    try:
+        began = time.monotonic()
+        assert proxy.stop(signal.SIGTERM) == 143
+        assert time.monotonic() - began < 5
+    finally:
+        inside.kill()
+        inside.wait()
+    time.sleep(0.5)
+    assert not mounted(mnt)
+    assert os.listdir(mnt) == ["left-over"]
+
+
+@needs_fuse
+def test_a_tmp_dir_inside_the_mount_is_refused(start_proxy, fuse_dirs):
+    mnt, _ = fuse_dirs
+    proxy = start_proxy("--fuse", str(mnt), "--fuse-tmp-dir", str(mnt / "tmp"), ready=False)
+    assert proxy.wait_exit() == 1
+    proxy.wait_for(
+        rf'FUSE mount failed: "{mnt}": --fuse-tmp-dir {mnt / "tmp"} must not be inside the mount',
+        stream="stderr",
+    )
+    assert not mounted(mnt)
