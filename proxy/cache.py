@@ -21,6 +21,7 @@ per process (``proxy.keys``), off the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -251,7 +252,11 @@ class RefreshAheadCache(_InstanceCache):
     def _schedule(self, delay: float) -> asyncio.Task[ConnectionInfo]:
         self._next_started = False
         self._next_immediate = delay <= 0
-        task = asyncio.get_running_loop().create_task(self._refresh_after(delay))
+        # In a context of its own: a refresh is no part of the dial that happened
+        # to start it (its trace span is a root, as the Go connector's).
+        task = contextvars.Context().run(
+            asyncio.get_running_loop().create_task, self._refresh_after(delay)
+        )
         # A failed refresh is reported to its waiters; don't also warn about it.
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return task

@@ -546,9 +546,9 @@ def run(
             if option in cfg.set_options:
                 log.info("Ignoring %s as --telemetry-project was not set", flag)
     elif not (cfg.disable_metrics and cfg.disable_traces):
-        from proxy.telemetry import missing_extra
+        from proxy.telemetry import missing_extra, prefix_problem
 
-        problem = missing_extra()
+        problem = missing_extra() or prefix_problem(cfg.telemetry_prefix)
         if problem:
             log.error("The proxy has encountered a terminal error: %s", problem)
             return 1

@@ -34,6 +34,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
 import threading
 import time
 import warnings
@@ -73,6 +74,23 @@ def missing_extra() -> str | None:
             return (
                 f"--telemetry-project needs the telemetry extra ({module} is not installed): "
                 f"{EXTRA_HINT}"
+            )
+    return None
+
+
+# What OpenTelemetry accepts as an instrument name.
+_INSTRUMENT_NAME = re.compile(r"[A-Za-z][-_./A-Za-z0-9]{0,254}")
+
+
+def prefix_problem(prefix: str) -> str | None:
+    """Why ``--telemetry-prefix`` cannot name the metrics, or None."""
+    for view in _VIEWS:
+        name = metric_type(prefix, f"alloydbconn/{view}").partition("/")[2]
+        if not _INSTRUMENT_NAME.fullmatch(name):
+            return (
+                f'invalid --telemetry-prefix "{prefix}": the metric name it makes, "{name}", '
+                "must be ASCII letters, digits and _ . - / (starting with a letter, at most "
+                "255 characters)"
             )
     return None
 
@@ -118,6 +136,9 @@ def start(
     log: Logger,
 ) -> Telemetry:
     """Start the exporters the flags ask for (call from the event loop's thread)."""
+    # gRPC's C core writes its own lines to stderr (a failed handshake at every
+    # reconnect), past the proxy's log format; the failures reach the log below.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     import grpc
 
     problems = _ExportProblems(log)
@@ -319,7 +340,9 @@ def _start_traces(cfg: Config, channel: Any, dialer_id: str, problems: _ExportPr
 
         client = TraceServiceClient(transport=TraceServiceGrpcTransport(channel=channel))
         exporter = CloudTraceSpanExporter(project_id=cfg.telemetry_project, client=client)
-    rate = 1 / cfg.telemetry_sample_rate if cfg.telemetry_sample_rate > 0 else 0.0
+    # As Go's ProbabilitySampler(1/N): N = 0 is 1/0 = +Inf (every trace), N < 0 none.
+    n = cfg.telemetry_sample_rate
+    rate = 1.0 if n == 0 else max(0.0, 1 / n)
     provider = TracerProvider(
         sampler=ParentBased(TraceIdRatioBased(min(rate, 1.0))),
         shutdown_on_exit=False,  # Telemetry.shutdown does it, with a deadline

@@ -33,6 +33,7 @@ class Span:
     name: str
     attributes: dict[str, str]
     project: str
+    parent: str  # the parent's span id, "" for a root span
 
 
 @dataclass
@@ -158,4 +159,6 @@ class TelemetryFake:
                     key: value.string_value.value
                     for key, value in span.attributes.attribute_map.items()
                 }
-                self.spans.append(Span(span.display_name.value, attributes, request.name))
+                self.spans.append(
+                    Span(span.display_name.value, attributes, request.name, span.parent_span_id)
+                )

@@ -92,6 +92,10 @@ def test_metrics_and_traces_with_the_go_names(telemetry_proxy, fake):
     assert len(dials) == 4  # every dial sampled at rate 1: three good, one failed
     assert {s.attributes["/alloydb/instance"] for s in dials} == {URI, GHOST}
     assert {s.project for s in fake.spans} == {"projects/my-project"}
+    # A refresh is no part of the dial that started it: its span is a root, as in Go.
+    refreshes = [s for s in fake.spans if s.name.endswith("internal.RefreshConnection")]
+    assert refreshes and all(s.parent == "" for s in refreshes)
+    assert all(s.parent for s in fake.spans if s.name.endswith("internal.Connect"))
     assert fake.authorization == {"Bearer tok-app"}  # the proxy's own credentials
     assert proxy.stop(signal.SIGTERM) == 143
 
@@ -117,6 +121,11 @@ def test_disable_metrics_disable_traces_and_the_sample_rate(telemetry_proxy, fak
     proxy.stop()
     assert "CreateTimeSeries" in fake.calls  # exported at exit
     assert not fake.spans  # 5 dials at 1 in 10^9: none sampled
+
+    proxy, port, _ = telemetry_proxy("--telemetry-sample-rate", "0")  # Go: 1/0, every trace
+    psql("SELECT 1", host="127.0.0.1", port=port)
+    proxy.stop()
+    assert any(s.name.endswith(".Dial") for s in fake.spans)
 
 
 @pytest.mark.parametrize("failure", ["refused", "unreachable"])
@@ -145,6 +154,19 @@ def test_a_failing_endpoint_warns_once_per_interval(telemetry_proxy, fake, failu
     assert "Traceback" not in proxy.output
     assert psql("SELECT 2", host="127.0.0.1", port=port).stdout.strip() == "2"
     assert proxy.stop() == 143
+
+
+def test_a_prefix_that_cannot_name_a_metric_is_refused_at_start(emulator):
+    args = [URI, "--port", str(free_port_block(1)), "--telemetry-project", "p", "--token", "t",
+            "--telemetry-prefix", "my team/", "--alloydbadmin-api-endpoint", emulator.admin_url]  # fmt: skip
+    proxy = ProxyProcess(args)
+    assert proxy.wait_exit() == 1
+    proxy.wait_for(
+        r'terminal error: invalid --telemetry-prefix "my team/": the metric name it makes, '
+        r'"opencensus/my team/alloydbconn/dial_latency", must be ASCII letters',
+        stream="stderr",
+    )
+    assert "Traceback" not in proxy.output
 
 
 def test_without_the_extra_the_start_fails_naming_it(emulator):
