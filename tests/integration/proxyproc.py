@@ -28,12 +28,17 @@ def proxy_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "proxy"]
 
 
+def without_module(name: str) -> list[str]:
+    """The CLI as it runs where the module ``name`` is not installed."""
+    return [
+        sys.executable,
+        "-c",
+        f"import sys; sys.modules[{name!r}] = None; from proxy.cli import main; main()",
+    ]
+
+
 #: The CLI on plain asyncio, as where uvloop is not installed.
-WITHOUT_UVLOOP = [
-    sys.executable,
-    "-c",
-    "import sys; sys.modules['uvloop'] = None; from proxy.cli import main; main()",
-]
+WITHOUT_UVLOOP = without_module("uvloop")
 
 
 def fd_count(pid: int) -> int:

@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -22,7 +21,7 @@ import pytest
 from proxy.fusemount import unsupported_reason
 
 from .conftest import URI, psql
-from .proxyproc import ProxyProcess
+from .proxyproc import ProxyProcess, without_module
 
 REASON = unsupported_reason()
 needs_fuse = pytest.mark.skipif(REASON is not None, reason=f"FUSE unavailable: {REASON}")
@@ -134,12 +133,7 @@ def test_a_missing_mount_directory(start_proxy, tmp_path):
 
 @needs_fuse
 def test_without_the_extra_the_error_names_it(tmp_path):
-    hide_binding = [
-        sys.executable,
-        "-c",
-        "import sys; sys.modules['mfusepy'] = None; from proxy.cli import main; main()",
-    ]
-    proxy = ProxyProcess(["--fuse", str(tmp_path)], command=hide_binding)
+    proxy = ProxyProcess(["--fuse", str(tmp_path)], command=without_module("mfusepy"))
     assert proxy.wait_exit() == 1
     err = "\n".join(proxy.stderr)
     assert err.startswith(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import signal
-import sys
 import time
 
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from proxy.telemetry import missing_extra
 
 from .conftest import URI, psql
-from .proxyproc import ProxyProcess, free_port_block
+from .proxyproc import ProxyProcess, free_port_block, without_module
 
 pytestmark = pytest.mark.skipif(missing_extra() is not None, reason=str(missing_extra()))
 
@@ -170,14 +169,9 @@ def test_a_prefix_that_cannot_name_a_metric_is_refused_at_start(emulator):
 
 
 def test_without_the_extra_the_start_fails_naming_it(emulator):
-    hide = [
-        sys.executable,
-        "-c",
-        "import sys; sys.modules['opentelemetry.sdk'] = None; from proxy.cli import main; main()",
-    ]
     args = [URI, "--port", str(free_port_block(1)), "--telemetry-project", "p", "--token", "t",
             "--alloydbadmin-api-endpoint", emulator.admin_url]  # fmt: skip
-    proxy = ProxyProcess(args, command=hide)
+    proxy = ProxyProcess(args, command=without_module("opentelemetry.sdk"))
     assert proxy.wait_exit() == 1
     proxy.wait_for(
         r"The proxy has encountered a terminal error: --telemetry-project needs the telemetry "
