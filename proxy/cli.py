@@ -365,8 +365,14 @@ def config_from(
     )
     opts.update({name.replace("-", "_"): value for name, value in extra.values.items()})
     set_options = frozenset(cli_set | {n.replace("-", "_") for n in extra.values})
-    cfg = build_config(instances or tuple(extra.instances), opts, set_options)
-    return cfg, list(extra.warnings)
+    given = instances or tuple(extra.instances)
+    cfg = build_config(given, opts, set_options)
+    warnings = list(extra.warnings)
+    if cfg.fuse and given:
+        warnings.append(
+            "Ignoring the instance arguments: with --fuse, instances are opened by name"
+        )
+    return cfg, warnings
 
 
 def _unset_option_converters(
@@ -410,7 +416,9 @@ def build_config(
         reason = unsupported_reason()
         if reason:
             raise BadCommandError(f"--fuse is not supported: {reason}")
-    parsed = tuple(parse_instance_arg(arg) for arg in instances)
+    parsed = tuple(parse_instance_arg(arg) for arg in instances)  # checked even under --fuse
+    if opts["fuse"]:
+        parsed = ()  # as in Go: the mount serves instances by name, the arguments are unused
     try:
         ipaddress.ip_address(opts["address"])
     except ValueError:
@@ -548,12 +556,12 @@ def run(
     elif not (cfg.disable_metrics and cfg.disable_traces):
         from proxy.telemetry import missing_extra, prefix_problem
 
-        problem = missing_extra() or prefix_problem(cfg.telemetry_prefix)
+        problem = missing_extra() or (
+            None if cfg.disable_metrics else prefix_problem(cfg.telemetry_prefix)
+        )
         if problem:
             log.error("The proxy has encountered a terminal error: %s", problem)
             return 1
-    if cfg.fuse and cfg.instances:
-        log.info("Ignoring the instance arguments: with --fuse, instances are opened by name")
     if cfg.login_token and not any(cfg.auto_iam_for(i) for i in cfg.instances):
         log.info(
             "Ignoring --login-token because --auto-iam-authn is not enabled (globally or per-instance)"

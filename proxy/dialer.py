@@ -85,12 +85,16 @@ class Dialer:
         self._keys = keys
         self._log = log
         self._caches: dict[InstanceURI, ConnectionInfoCache] = {}
+        # Caches of instances a reload removed, until their close (RETIRE_AFTER).
+        self._retired: dict[InstanceURI, tuple[ConnectionInfoCache, asyncio.TimerHandle]] = {}
         self._limiters: dict[InstanceURI, RateLimiter] = {}
         self._failures: dict[InstanceURI, _Failure] = {}
         self._closed = False
 
     def _cache(self, uri: InstanceURI) -> ConnectionInfoCache:
         cache = self._caches.get(uri)
+        if cache is None and uri in self._retired:
+            return self._retired[uri][0]  # a reload removed it; still serving late dials
         if cache is None:
             if self._static is not None:
                 cache = StaticCache(uri, self._static)
@@ -110,6 +114,10 @@ class Dialer:
         cache.close()
         if self._caches.get(uri) is cache:
             del self._caches[uri]
+        retired = self._retired.get(uri)
+        if retired is not None and retired[0] is cache:
+            retired[1].cancel()
+            del self._retired[uri]
         self._remember(uri, err)
 
     def _remember(self, uri: InstanceURI, err: Exception) -> None:
@@ -288,24 +296,37 @@ class Dialer:
         return self._credentials
 
     def reconfigure(self, cfg: Config) -> None:
-        """A reloaded instance list: instances no longer in it stop refreshing.
-
-        Their caches are closed a while later (RETIRE_AFTER), not at once: a
-        connection accepted before the reload may still be waiting for its
-        connection info. Their rate limiters stay, so that removing and adding
-        an instance again and again cannot make requests faster than the limit.
+        """A reloaded instance list: the caches of instances no longer in it are
+        closed RETIRE_AFTER later, not at once (a connection accepted before the
+        reload may still be waiting for its connection info, or dial after it);
+        one added back meanwhile gets its cache back. Rate limiters stay, so that
+        removing and adding an instance again and again cannot make requests
+        faster than the limit.
         """
         self._cfg = cfg
         current = {inst.uri for inst in cfg.instances}
+        for uri in [uri for uri in self._retired if uri in current]:
+            cache, timer = self._retired.pop(uri)
+            timer.cancel()
+            self._caches.setdefault(uri, cache)
         loop = asyncio.get_running_loop()
         for uri in [uri for uri in self._caches if uri not in current]:
-            loop.call_later(RETIRE_AFTER, self._caches.pop(uri).close)
+            cache = self._caches.pop(uri)
+            self._retired[uri] = (cache, loop.call_later(RETIRE_AFTER, self._retire, uri))
+
+    def _retire(self, uri: InstanceURI) -> None:
+        cache, _ = self._retired.pop(uri)
+        cache.close()
 
     def close(self) -> None:
         self._closed = True
         for cache in self._caches.values():
             cache.close()
         self._caches.clear()
+        for cache, timer in self._retired.values():
+            timer.cancel()
+            cache.close()
+        self._retired.clear()
 
 
 def _hostport(address: str) -> str:

@@ -188,13 +188,17 @@ class FuseMount:
         if thread.is_alive():
             command = fusermount() or "fusermount"
             for flags in ("-u", "-uz"):  # -z: detach now even if something is inside
-                done = subprocess.run(
-                    [command, flags, self.directory],
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                    timeout=30,
-                )
+                try:
+                    done = subprocess.run(
+                        [command, flags, self.directory],
+                        capture_output=True,
+                        text=True,
+                        check=False,
+                        timeout=10,
+                    )
+                except (subprocess.TimeoutExpired, OSError) as exc:
+                    problem = f"{command} {flags}: {exc}"
+                    continue
                 if done.returncode == 0:
                     problem = None
                     break
@@ -233,13 +237,20 @@ class FuseMount:
     def target(self, name: str) -> str:
         """The symlink target for ``name``, opening its socket on first use; OSError(ENOENT).
 
-        Only lookups of the same name wait for each other: a slow Admin API
-        answer for one instance does not hold the names that already work.
+        Only lookups of the same name wait for each other (a lock per name
+        that could be an instance, kept): a slow Admin API answer for one
+        instance does not hold the names that already work.
         """
         with self._lock:
             found = self._active.get(name)
             if found is not None:
                 return found
+        try:
+            uri = parse_name(name)
+        except ValueError as exc:
+            self._report(name, exc)
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT)) from None
+        with self._lock:
             creating = self._creating.setdefault(name, threading.Lock())
         with creating:
             with self._lock:
@@ -247,19 +258,15 @@ class FuseMount:
             if found is not None:
                 return found
             try:
-                directory = self._open(name)
+                directory = self._open(name, uri)
             except Exception as exc:
                 self._report(name, exc)
                 raise OSError(errno.ENOENT, os.strerror(errno.ENOENT)) from None
-            finally:
-                with self._lock:
-                    self._creating.pop(name, None)
             with self._lock:
                 self._active[name] = directory
             return directory
 
-    def _open(self, name: str) -> str:
-        uri = parse_name(name)
+    def _open(self, name: str, uri: InstanceURI) -> str:
         directory = os.path.join(self.tmp_dir, name)
         mount = UnixMount(directory, os.path.join(directory, UNIX_SOCKET_NAME))
         future = asyncio.run_coroutine_threadsafe(

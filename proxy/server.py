@@ -143,20 +143,25 @@ class ProxyServer:
                 self._close(listener)
             for inst, mount in then:
                 opened.append(self._open(inst, mount))
-        except StartupError:
+        except StartupError as failure:
             for listener in opened:
                 self._close(listener)
+            lost = []
             for listener in unmatched:
                 if listener.sock.fileno() != -1:
                     continue  # never closed
                 try:  # its address was just released
                     reopened = self._open(listener.inst, listener.mount)
                 except StartupError as exc:
-                    self._log.error("%s", exc)
+                    lost.append(str(exc).removeprefix("unable to start: "))
                     self._listeners.remove(listener)
                     continue
                 self._listeners[self._listeners.index(listener)] = reopened
             self._watch_all()
+            if lost:
+                raise StartupError(
+                    f"{failure}; and lost on the way back: {', '.join(lost)}"
+                ) from None
             raise
         self._cfg = cfg
         self._dialer.reconfigure(cfg)
@@ -469,7 +474,11 @@ class ProxyServer:
             conn.close()
             return ""
 
-        results = await asyncio.gather(*(check(inst) for inst in self._cfg.instances))
+        # The instances listened for now: after a reload, or those a --fuse lookup opened.
+        instances = list(
+            {listener.inst.uri: listener.inst for listener in self._listeners}.values()
+        )
+        results = await asyncio.gather(*(check(inst) for inst in instances))
         return [r for r in results if r]
 
 

@@ -44,6 +44,8 @@ from proxy.settings import format_go_duration
 T = TypeVar("T")
 
 READY_LINE = "The proxy has started successfully and is ready for new connections!"
+#: How long a reload may take to read its sources (a hung file system).
+RELOAD_READ_TIMEOUT = 30.0
 
 
 class Exit(enum.IntEnum):
@@ -78,6 +80,7 @@ class Supervisor:
         self._reload_lock = asyncio.Lock()
         self._server: ProxyServer | None = None  # once serving
         self._reloads: set[asyncio.Task[tuple[bool, str]]] = set()
+        self._stopping_sent = False
         self._log = log
         self._stop = asyncio.Event()
         self._signal: signal.Signals | None = None
@@ -147,14 +150,14 @@ class Supervisor:
             # calls run on daemon threads and are left behind.
             startup.cancel()
             await asyncio.gather(startup, return_exceptions=True)
-            self._notify("STOPPING=1", "termination")
+            self._notify_stopping()
             name = self._signal.name if self._signal else "SIGTERM"
             return self._signal_exit(f"{name} signal received")
         stop_wait.cancel()
         try:
             server, dialer, client = startup.result()
         except ProxyError as exc:
-            self._notify("STOPPING=1", "termination")
+            self._notify_stopping()
             return Outcome(Exit.ERROR, str(exc))
 
         fuse = None
@@ -176,7 +179,7 @@ class Supervisor:
                         log,
                     )
                 except Exception as exc:  # e.g. a broken install of the extra
-                    self._notify("STOPPING=1", "termination")
+                    self._notify_stopping()
                     return Outcome(Exit.ERROR, f"failed to start telemetry export: {exc}")
             if self._cfg.fuse:
                 from proxy.fusemount import FuseMount, default_tmp_dir
@@ -192,8 +195,12 @@ class Supervisor:
                     await asyncio.to_thread(fuse.start)
                 except ProxyError as exc:
                     fuse = None  # start() unmounted what it mounted
-                    self._notify("STOPPING=1", "termination")
+                    self._notify_stopping()
                     return Outcome(Exit.ERROR, str(exc))
+            if self._stop.is_set():  # a signal while the mount or the exporters started
+                self._notify_stopping()
+                name = self._signal.name if self._signal else "SIGTERM"
+                return self._signal_exit(f"{name} signal received")
             log.info(READY_LINE)
             self._notify("READY=1", "readiness")
             try:
@@ -226,8 +233,10 @@ class Supervisor:
                 if problem:
                     log.error("failed to close mount: %s", problem)
             if telemetry is not None:
-                # The last export; its own daemon thread, waited for 5 s at most.
-                await workers.SHUTDOWN.run(telemetry.shutdown)
+                # The last export, on a daemon thread of its own, waited for 5 s at
+                # most (not behind the Admin API client's close on SHUTDOWN).
+                await asyncio.to_thread(telemetry.shutdown)
+            self._notify_stopping()
 
     async def _until_stopped(self, work: Awaitable[T]) -> T | None:
         """``work``'s result, or None (``work`` cancelled) if the proxy is told to stop first."""
@@ -286,6 +295,12 @@ class Supervisor:
         except OSError as exc:
             self._log.error("Failed to notify systemd of %s: %s", what, exc)
 
+    def _notify_stopping(self) -> None:
+        """STOPPING=1 to systemd, once, whichever way the proxy ends."""
+        if not self._stopping_sent:
+            self._stopping_sent = True
+            self._notify("STOPPING=1", "termination")
+
     def _on_hangup(self) -> None:
         task = asyncio.get_running_loop().create_task(self.reload("SIGHUP"))
         self._reloads.add(task)
@@ -308,7 +323,9 @@ class Supervisor:
             try:
                 # A daemon thread, not waited for once the proxy stops: a file on
                 # a hung file system must hold neither the exit nor the listeners.
-                read = await self._until_stopped(workers.RELOAD.run(self._reload_source))
+                read = await self._until_stopped(
+                    asyncio.wait_for(workers.RELOAD.run(self._reload_source), RELOAD_READ_TIMEOUT)
+                )
                 if read is None or self._server is None:
                     message = f"Reload ({trigger}) abandoned: the proxy is stopping"
                     log.error(message)
@@ -318,8 +335,10 @@ class Supervisor:
                     log.error(warning)
                 merged = next_config(self._cfg, new)
                 added, removed, kept = server.reconfigure(merged)
-            except (BadCommandError, ReloadRefused, StartupError) as exc:
-                reason = str(exc).removeprefix("unable to start: ")
+            except (BadCommandError, ReloadRefused, StartupError, asyncio.TimeoutError) as exc:
+                reason = str(exc).removeprefix("unable to start: ") or (
+                    f"reading the configuration took over {RELOAD_READ_TIMEOUT:g}s"
+                )
                 message = f"Reload failed, still serving the previous configuration: {reason}"
                 log.error(message)
                 return False, message
@@ -348,7 +367,7 @@ class Supervisor:
         if cfg.min_sigterm_delay > 0:
             await asyncio.sleep(cfg.min_sigterm_delay)
         self.probes.stopping = True
-        self._notify("STOPPING=1", "termination")
+        self._notify_stopping()
         server.close_listeners()
         dialer.close()
         # On a thread of its own, and never waited for long: a request stuck

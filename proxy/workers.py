@@ -96,6 +96,6 @@ TOKENS = DaemonPool("tokens", 4)
 #: /debug/pprof/profile samples (one at a time; see proxy/profiling.py).
 PROFILE = DaemonPool("pprof-profile", 1)
 #: Reading the configuration again for a reload (a hung file system must not hold the exit).
-RELOAD = DaemonPool("reload", 1)
+RELOAD = DaemonPool("reload", 2)
 #: Closing the Admin API client at shutdown, behind nothing else.
 SHUTDOWN = DaemonPool("shutdown", 1)

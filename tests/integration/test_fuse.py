@@ -190,3 +190,27 @@ def test_a_tmp_dir_inside_the_mount_is_refused(start_proxy, fuse_dirs):
         stream="stderr",
     )
     assert not mounted(mnt)
+
+
+@needs_fuse
+def test_instance_arguments_are_ignored_and_the_backend_check_sees_the_mounted_ones(
+    start_proxy, emulator, fuse_dirs
+):
+    """As in Go, instance arguments do nothing under --fuse (a line says so); the
+    --with-backend-check /startup dials the instances the mount opened."""
+    from .conftest import http_get
+    from .proxyproc import free_port_block
+
+    mnt, sockets = fuse_dirs
+    http = free_port_block(1)
+    ghost = URI.replace("/instances/inst", "/instances/ghost")  # unknown to the emulator
+    proxy = start_proxy(
+        ghost, "--fuse", str(mnt), "--fuse-tmp-dir", str(sockets), "--health-check",
+        "--with-backend-check", "--http-port", str(http), "--http-address", "127.0.0.1",
+    )  # fmt: skip
+    proxy.wait_for("Ignoring the instance arguments: with --fuse, instances are opened by name")
+    os.stat(mnt / NAME)
+    assert http_get(f"http://127.0.0.1:{http}/startup") == (200, "ok")
+    assert "ghost" not in "\n".join(
+        line for line in proxy.output.splitlines() if "Listening" in line
+    )

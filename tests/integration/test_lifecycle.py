@@ -288,3 +288,26 @@ def test_open_file_limit_is_raised_to_the_hard_limit(emulator, ports):
             line = next(row for row in fh if row.startswith("Max open files"))
         soft = line.split()[3]
         assert soft == ("unlimited" if hard == resource.RLIM_INFINITY else str(hard))
+
+
+def test_systemd_hears_stopping_once_when_the_connection_test_fails(emulator, ports, tmp_path):
+    """READY=1 comes before the connection test (as in Go); a failed test must still
+    say STOPPING=1, once."""
+    import socket as socketlib
+
+    path = str(tmp_path / "notify.sock")
+    emulator.instances[URI].faults.set(mdx_error="not today")
+    with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM) as systemd:
+        systemd.bind(path)
+        systemd.settimeout(20)
+        proc = ProxyProcess(
+            [URI, "--port", str(ports["proxy"]), "--token", "tok-app", "--run-connection-test",
+             "--alloydbadmin-api-endpoint", emulator.admin_url],
+            env={"NOTIFY_SOCKET": path},
+        )  # fmt: skip
+        assert proc.wait_exit() == 1
+        assert systemd.recv(100) == b"READY=1"
+        assert systemd.recv(100) == b"STOPPING=1"
+        systemd.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            systemd.recv(100)

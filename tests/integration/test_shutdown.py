@@ -206,10 +206,18 @@ def test_a_broken_stdout_blocks_nothing(emulator, ports):
 
 def test_ctrl_c_at_any_point_of_start_up_exits_as_sigint(emulator, ports):
     """Before the proxy's handlers are in place Python raises KeyboardInterrupt; that
-    must still end as SIGINT (130, or death by the signal), never as a silent exit 1."""
+    must still end as SIGINT (130, or death by the signal), never as a silent exit 1.
+
+    A signal so early that it lands in the interpreter's own start (importing
+    ``site``, before any code of ours runs) is CPython's "Fatal Python error" with
+    exit 1, out of the proxy's reach: on a loaded machine that attempt is made
+    again (up to five times) so that the check still lands in our start-up."""
     for delay in (0.05, 0.15, 0.3):
-        with ProxyProcess(proxy_args(emulator, ports)) as proc:
-            time.sleep(delay)
-            proc.proc.send_signal(signal.SIGINT)
-            code = proc.wait_exit(20)
+        for _attempt in range(5):
+            with ProxyProcess(proxy_args(emulator, ports)) as proc:
+                time.sleep(delay)
+                proc.proc.send_signal(signal.SIGINT)
+                code = proc.wait_exit(20)
+            if not proc.output.startswith("Fatal Python error: init_import_site"):
+                break
         assert code in (130, -signal.SIGINT), (delay, code, proc.output)

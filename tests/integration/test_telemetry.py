@@ -166,6 +166,9 @@ def test_a_prefix_that_cannot_name_a_metric_is_refused_at_start(emulator):
         stream="stderr",
     )
     assert "Traceback" not in proxy.output
+    # The prefix names metrics only: with them off it does not matter.
+    with ProxyProcess([*args, "--disable-metrics"]) as traces_only:
+        traces_only.wait_ready()
 
 
 def test_without_the_extra_the_start_fails_naming_it(emulator):
