@@ -595,6 +595,8 @@ def _doctor(
         cfg, warnings = config_from(ctx, instances, opts)
     except BadCommandError as exc:
         fail(str(exc))
+    if cfg.fuse:
+        fail("doctor checks the instances given as arguments: run it without --fuse")
     from proxy import doctor
 
     for warning in warnings:  # e.g. an ALLOYDB_PROXY_* value that is ignored

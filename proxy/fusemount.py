@@ -56,6 +56,8 @@ looked up appear in a listing of this directory.
 EXTRA_HINT = "install the extra: pip install 'alloydb-auth-proxy[fuse]'"
 #: How long a lookup may wait for the Admin API and the listener.
 LOOKUP_TIMEOUT = 30.0
+#: Names whose per-name lock is kept before the unused ones are dropped.
+MAX_NAMES = 1000
 #: How long the mount may take to answer its first request.
 MOUNT_TIMEOUT = 10.0
 
@@ -198,6 +200,7 @@ class FuseMount:
                     )
                 except (subprocess.TimeoutExpired, OSError) as exc:
                     problem = f"{command} {flags}: {exc}"
+                    wait = 0.5
                     continue
                 if done.returncode == 0:
                     problem = None
@@ -251,6 +254,12 @@ class FuseMount:
             self._report(name, exc)
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT)) from None
         with self._lock:
+            if len(self._creating) > MAX_NAMES:  # looked-up names nobody serves: forget
+                self._creating = {
+                    n: lock
+                    for n, lock in self._creating.items()
+                    if n in self._active or lock.locked()
+                }
             creating = self._creating.setdefault(name, threading.Lock())
         with creating:
             with self._lock:

@@ -474,10 +474,11 @@ class ProxyServer:
             conn.close()
             return ""
 
-        # The instances listened for now: after a reload, or those a --fuse lookup opened.
-        instances = list(
-            {listener.inst.uri: listener.inst for listener in self._listeners}.values()
-        )
+        if self._closed:  # shutting down: no listener is left to vouch for
+            return ["alloydbconn: dialer is closed"]
+        # Each listener's instance and options (after a reload, or opened by a
+        # --fuse lookup); one dial per distinct pair, as Go dials each mount.
+        instances = list(dict.fromkeys(listener.inst for listener in self._listeners))
         results = await asyncio.gather(*(check(inst) for inst in instances))
         return [r for r in results if r]
 

@@ -197,6 +197,7 @@ class Supervisor:
                     fuse = None  # start() unmounted what it mounted
                     self._notify_stopping()
                     return Outcome(Exit.ERROR, str(exc))
+            await asyncio.sleep(0)  # a signal during a blocking start is queued on the loop
             if self._stop.is_set():  # a signal while the mount or the exporters started
                 self._notify_stopping()
                 name = self._signal.name if self._signal else "SIGTERM"

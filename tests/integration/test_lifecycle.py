@@ -311,3 +311,40 @@ def test_systemd_hears_stopping_once_when_the_connection_test_fails(emulator, po
         systemd.settimeout(0.5)
         with pytest.raises(TimeoutError):
             systemd.recv(100)
+
+
+def test_the_connection_test_dials_every_listener_of_an_instance(emulator):
+    """Two listeners of one instance with different options are two dials (as Go
+    dials each mount): the one asking for an IP type the instance lacks fails it."""
+    private_only = URI.replace("/instances/inst", "/instances/private")
+    emulator.add_instance(private_only)
+    base = free_port_block(2)
+    proc = ProxyProcess(
+        [f"{private_only}?port={base}&public-ip=true", f"{private_only}?port={base + 1}",
+         "--run-connection-test", "--token", "tok-app",
+         "--alloydbadmin-api-endpoint", emulator.admin_url]
+    )  # fmt: skip
+    assert proc.wait_exit() == 1
+    assert 'instance does not have IP of type "PUBLIC"' in proc.stderr[-1]
+
+
+def test_startup_with_backend_check_fails_while_shutting_down(emulator, ports):
+    """Between SIGTERM and the end of --max-sigterm-delay the listeners are gone:
+    /startup with --with-backend-check must not call that healthy."""
+    proc = start(emulator, ports, "--health-check", "--with-backend-check",
+                 "--max-sigterm-delay", "10s")  # fmt: skip
+    http = f"http://127.0.0.1:{ports['http']}"
+    proc.wait_for("Starting health check server")  # it starts after the ready line
+    deadline = time.monotonic() + 10
+    while http_get(f"{http}/startup") != (200, "ok"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    dsn = f"host=127.0.0.1 port={ports['proxy']} user={DB_USER} password={DB_PASSWORD} dbname={DB_NAME}"
+    with psycopg.connect(dsn) as held:  # keeps the shutdown waiting
+        proc.proc.send_signal(signal.SIGTERM)
+        proc.wait_for("SIGTERM signal received. Shutting down...")
+        time.sleep(0.5)
+        status, body = http_get(f"{http}/startup")
+        assert status == 503 and "dialer is closed" in body, (status, body)
+        held.execute("SELECT 1")
+    assert proc.wait_exit() == 143

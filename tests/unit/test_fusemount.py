@@ -37,8 +37,10 @@ def test_concurrent_lookups_of_one_name_open_it_once(tmp_path):
             results.append(exc)
 
     threads = []
-    for pause in (0, 0.1, 0.35, 0.5):
-        time.sleep(pause and 0.1)
+    previous = 0.0
+    for at in (0, 0.1, 0.35, 0.5):  # the third starts as the failed first try ends
+        time.sleep(at - previous)
+        previous = at
         thread = threading.Thread(target=lookup)
         thread.start()
         threads.append(thread)
