@@ -56,7 +56,7 @@ looked up appear in a listing of this directory.
 EXTRA_HINT = "install the extra: pip install 'alloydb-auth-proxy[fuse]'"
 #: How long a lookup may wait for the Admin API and the listener.
 LOOKUP_TIMEOUT = 30.0
-#: Names whose per-name lock is kept before the unused ones are dropped.
+#: Names remembered (per-name locks, names reported as malformed) before forgetting.
 MAX_NAMES = 1000
 #: How long the mount may take to answer its first request.
 MOUNT_TIMEOUT = 10.0
@@ -219,9 +219,8 @@ class FuseMount:
             operations = _operations(mfusepy, self)
             options: dict[str, Any] = {"foreground": True, "fsname": "alloydb-auth-proxy"}
             if mfusepy.fuse_version_major == 2:
-                options["nonempty"] = (
-                    True  # as go-fuse: a directory with files is hidden, not refused
-                )
+                # As go-fuse: files already in the directory are hidden, not refused.
+                options["nonempty"] = True
             if os.geteuid() == 0 or _user_allow_other():
                 options["allow_other"] = True  # as the Go proxy: other users may look up
             mfusepy.FUSE(operations, self.directory, **options)
@@ -296,7 +295,7 @@ class FuseMount:
             with self._lock:
                 if name in self._malformed:
                     return
-                if len(self._malformed) < 1000:
+                if len(self._malformed) < MAX_NAMES:
                     self._malformed.add(name)
         self._log.error('could not create socket for "%s": %s', name, reason)
 
