@@ -37,7 +37,7 @@ MISSING_INSTANCE = (
 
 
 def _usage() -> str:
-    ctx = click.Context(root)
+    ctx = click.Context(root, **root.context_settings)  # -h too, whatever ran first
     lines = ["Usage:", f"  {PROG} instance_uri... [flags]", "", "Flags:"]
     for param in root.get_params(ctx):
         record = param.get_help_record(ctx)

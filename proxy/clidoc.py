@@ -27,7 +27,7 @@ def _cell(text: str) -> str:
 
 
 def _flag_rows(command: click.Command, with_env: bool) -> list[str]:
-    ctx = click.Context(command)
+    ctx = click.Context(command, **command.context_settings)  # its -h, as when it runs
     head = "| flag | short | env var | type | default | meaning |"
     rule = "| --- | --- | --- | --- | --- | --- |"
     if not with_env:

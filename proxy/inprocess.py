@@ -125,7 +125,9 @@ def _context() -> Any:
 
     from proxy.cli import root
 
-    return click.Context(root, info_name="alloydb-auth-proxy", resilient_parsing=True)
+    return click.Context(
+        root, info_name="alloydb-auth-proxy", resilient_parsing=True, **root.context_settings
+    )
 
 
 def _converted(name: str, value: Any, param: Any, ctx: Any, duration: type, parse_bool: Any) -> Any:
