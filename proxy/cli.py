@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -569,6 +570,12 @@ def run(
 
     from proxy.keys import generate_in_background
 
+    # From here the key thread imports while this one does: a KeyboardInterrupt
+    # raised inside an import then could leave the two deadlocked on the import
+    # locks (seen under load: Ctrl-C at start-up hung the process). Ctrl-C is
+    # noted instead, and the Supervisor acts on it once its own handlers are in.
+    early: list[signal.Signals] = []
+    signal.signal(signal.SIGINT, lambda number, _frame: early.append(signal.Signals(number)))
     keys = generate_in_background()  # overlaps the imports below (see proxy/keys.py)
 
     from proxy.eventloop import run_until_complete
@@ -576,7 +583,9 @@ def run(
     from proxy.supervisor import Supervisor
 
     raise_open_file_limit(log)
-    outcome = run_until_complete(lambda: Supervisor(cfg, log, keys, reload_source).run())
+    outcome = run_until_complete(
+        lambda: Supervisor(cfg, log, keys, reload_source, early_signals=early).run()
+    )
     if outcome.error:
         log.error("The proxy has encountered a terminal error: %s", outcome.error)
     return int(outcome.code)

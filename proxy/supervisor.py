@@ -73,10 +73,13 @@ class Supervisor:
         log: Logger,
         keys: concurrent.futures.Future[KeyPair] | None = None,
         reload_source: ConfigSource | None = None,
+        early_signals: list[signal.Signals] | None = None,
     ) -> None:
         self._keys = keys  # started by the CLI before the imports; made here otherwise
         self._cfg = cfg
         self._reload_source = reload_source  # None: SIGHUP keeps its default (exit)
+        # Signals the CLI noted before these handlers were in (see cli.run).
+        self._early_signals = early_signals if early_signals is not None else []
         self._reload_lock = asyncio.Lock()
         self._server: ProxyServer | None = None  # once serving
         self._reloads: set[asyncio.Task[tuple[bool, str]]] = set()
@@ -130,6 +133,8 @@ class Supervisor:
             signal.signal(sig, on_signal)
         if self._reload_source is not None:
             signal.signal(signal.SIGHUP, on_hangup)
+        for sig in list(self._early_signals):
+            self._on_signal(sig)
         try:
             return await self._run()
         finally:
