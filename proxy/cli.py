@@ -23,7 +23,13 @@ from proxy import GO_PROXY_VERSION, __version__
 from proxy.config import DEFAULT_API_ENDPOINT, Config, is_loopback_host, parse_instance_arg
 from proxy.errors import BadCommandError
 from proxy.log import configure
-from proxy.settings import load_config_file, overlay, parse_go_bool, parse_go_duration
+from proxy.settings import (
+    env_name,
+    load_config_file,
+    overlay,
+    parse_go_bool,
+    parse_go_duration,
+)
 
 PROG = "alloydb-auth-proxy"
 SHORT_HELP = "alloydb-auth-proxy provides a secure way to authorize connections to AlloyDB."
@@ -337,12 +343,9 @@ def root(ctx: click.Context, /, instances: tuple[str, ...], **opts: Any) -> None
         # the config file as it is now. Instances from the first two cannot change.
         if instances:
             raise BadCommandError(f"the instances are given on the command line; {RELOADABLE}")
-        if os.environ.get("ALLOYDB_PROXY_INSTANCE_URI") or os.environ.get(
-            "ALLOYDB_PROXY_INSTANCE_URI_0"
-        ):
-            raise BadCommandError(
-                f"the instances come from ALLOYDB_PROXY_INSTANCE_URI*; {RELOADABLE}"
-            )
+        variable = env_name("instance-uri")  # what settings.overlay reads, with _0, _1, ...
+        if os.environ.get(variable) or os.environ.get(f"{variable}_0"):
+            raise BadCommandError(f"the instances come from {variable}*; {RELOADABLE}")
         return config_from(ctx, instances, dict(start_opts))
 
     sys.exit(run(cfg, warnings, read_again))

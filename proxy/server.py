@@ -109,8 +109,7 @@ class ProxyServer:
         StartupError then says why, and the proxy serves what it served
         before.
         """
-        old = list(self._listeners)
-        unmatched = list(old)
+        unmatched = list(self._listeners)
         kept: list[tuple[Listener, InstanceConfig]] = []
         wanted: list[tuple[InstanceConfig, TCPMount | UnixMount]] = []
         for inst, mount in plan_mounts(cfg):

@@ -85,7 +85,7 @@ _INSTRUMENT_NAME = re.compile(r"[A-Za-z][-_./A-Za-z0-9]{0,254}")
 def prefix_problem(prefix: str) -> str | None:
     """Why ``--telemetry-prefix`` cannot name the metrics, or None."""
     for view in _VIEWS:
-        name = metric_type(prefix, f"alloydbconn/{view}").partition("/")[2]
+        name = exporter_names(prefix, view)[1]
         if not _INSTRUMENT_NAME.fullmatch(name):
             return (
                 f'invalid --telemetry-prefix "{prefix}": the metric name it makes, "{name}", '
@@ -93,6 +93,13 @@ def prefix_problem(prefix: str) -> str | None:
                 "255 characters)"
             )
     return None
+
+
+def exporter_names(prefix: str, view: str) -> tuple[str, str]:
+    """The view's metric type split as the exporter builds it: (its prefix, the
+    instrument name), e.g. ("custom.googleapis.com", "opencensus/alloydbconn/x")."""
+    domain, _, name = metric_type(prefix, f"alloydbconn/{view}").partition("/")
+    return domain, name
 
 
 def metric_type(prefix: str, name: str) -> str:
@@ -241,12 +248,8 @@ def _start_metrics(
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
     from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
-    def split(view: str) -> tuple[str, str]:
-        domain, _, rest = metric_type(cfg.telemetry_prefix, view).partition("/")
-        return domain, rest
-
-    domain = split("alloydbconn/dial_latency")[0]
-    name = {view: split(f"alloydbconn/{view}")[1] for view in _VIEWS}
+    domain = exporter_names(cfg.telemetry_prefix, "dial_latency")[0]  # the same for every view
+    name = {view: exporter_names(cfg.telemetry_prefix, view)[1] for view in _VIEWS}
     client = MetricServiceClient(transport=MetricServiceGrpcTransport(channel=channel))
     exporter = CloudMonitoringMetricsExporter(
         project_id=cfg.telemetry_project, client=client, prefix=domain
