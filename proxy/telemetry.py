@@ -34,6 +34,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import posixpath
 import re
 import threading
 import time
@@ -107,7 +108,7 @@ def metric_type(prefix: str, name: str) -> str:
     full = prefix + name
     if any(domain in full for domain in _DOMAINS):
         return full
-    return os.path.normpath(DEFAULT_DOMAIN + full)
+    return posixpath.normpath(DEFAULT_DOMAIN + full)  # a metric type, not a file path
 
 
 class Telemetry:
