@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -46,14 +47,28 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+#: Ports handed out by free_port_block: below Linux's ephemeral range (32768
+#: and up), which the OS gives to bind(0) and outgoing connections, and split
+#: between pytest-xdist workers, so that a port probed free here cannot be
+#: taken by another worker or an ephemeral bind before the test binds it.
+_PORTS = range(20000, 32000)
+
+
+def _port_slice() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    size = len(_PORTS) // max(count, 1)
+    start = _PORTS.start + (index % max(count, 1)) * size
+    return range(start, start + size)
+
+
 def free_port_block(count: int, host: str = "127.0.0.1") -> int:
-    """First port of ``count`` consecutive ports that are free right now."""
+    """First port of ``count`` consecutive ports that are free right now (in this
+    worker's share of _PORTS)."""
+    ports = _port_slice()
     for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind((host, 0))
-            base = probe.getsockname()[1]
-        if base + count > 65000:
-            continue
+        base = random.randrange(ports.start, ports.stop - count)
         ok = True
         for port in range(base, base + count):
             with socket.socket() as s:
